@@ -1,0 +1,67 @@
+"""The ``robix`` command: one console script, one subcommand per job.
+
+Each subcommand lives in its own module with ``register(subparsers)``; heavy libraries
+(torch, transformers) are imported only inside the subcommands that need them, so
+``robix --help`` and the bus tools start fast. Logging is configured here, once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Optional, Sequence
+
+from robix_planner import __version__
+from robix_planner.config import ENV_VARS, ConfigError, env
+
+#: Modules that add subcommands, in the order ``robix --help`` lists them.
+SUBCOMMAND_MODULES = (
+    "robix_planner.runner",
+    "robix_planner.launch",
+    "robix_planner.tools.topic",
+    "robix_planner.tools.record",
+)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    env_help = "\n".join(f"  {k:18} {v}" for k, v in ENV_VARS.items())
+    parser = argparse.ArgumentParser(
+        prog="robix",
+        description="Robix Planner: an interruptible robot planner on a ZeroMQ bus.",
+        epilog=f"environment variables:\n{env_help}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"robix {__version__}")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR (default: $ROBIX_LOG_LEVEL or INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def setup_logging(level: Optional[str]) -> None:
+    level = (level or env("ROBIX_LOG_LEVEL", "INFO")).upper()
+    logging.basicConfig(level=level, format="%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    setup_logging(args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"robix {args.command}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
