@@ -11,10 +11,15 @@ import argparse
 import importlib
 import logging
 import sys
+from importlib.metadata import entry_points
 from typing import Optional, Sequence
 
 from robix_planner import __version__
 from robix_planner.config import ENV_VARS, ConfigError, env
+
+#: Entry-point group through which other packages of this project (sim, training) add
+#: subcommands without robix_planner importing them: ``name = "pkg.module:register"``.
+PLUGIN_GROUP = "robix.commands"
 
 #: Modules that add subcommands, in the order ``robix --help`` lists them.
 SUBCOMMAND_MODULES = (
@@ -38,6 +43,8 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        ep.load()(sub)
     return parser
 
 

@@ -210,10 +210,21 @@ class PlannerStep(Message, tag="planner_step"):
     stamp_ns: StampNs = field(default_factory=now_ns)
 
 
+class SessionStart(Message, tag="session_start"):
+    """A new session begins (a new user, a new task, an evaluation episode).
+
+    Planners drop their dialogue history and memory of earlier commands; controllers
+    keep running. ``session`` names the session (e.g. a scenario id in evaluation).
+    """
+
+    session: NonEmptyName
+    stamp_ns: StampNs = field(default_factory=now_ns)
+
+
 #: Every message class, keyed by its wire tag. Add new classes here.
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.__struct_config__.tag: cls
-    for cls in (Image, Utterance, Command, CommandStatus, Speech, Capabilities, Heartbeat, PlannerStep)
+    for cls in (Image, Utterance, Command, CommandStatus, Speech, Capabilities, Heartbeat, PlannerStep, SessionStart)
 }
 
 AnyMessage = Union[tuple(MESSAGE_TYPES.values())]  # type: ignore[valid-type]
