@@ -475,6 +475,9 @@ class Bus:
                     for p in latched:
                         p.service()
                 timeout_ms = max(1, int(min(period, 0.02) * 1000))
+                if not self._sockets:  # zmq's poll returns at once with nothing registered: don't spin
+                    self._closed.wait(timeout_ms / 1000)
+                    continue
                 for sock, _ in poller.poll(timeout_ms):
                     ts = next(t for t in self._sockets.values() if t.sock is sock)
                     self._drain(ts)
