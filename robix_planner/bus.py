@@ -503,18 +503,18 @@ class Bus:
                 continue
             if rec.topic != ts.topic:
                 continue  # ZeroMQ filters by prefix; "/cam" also matches "/camera"
+            last = ts.last_seq.get(rec.src)
+            if last is not None and rec.seq <= last:
+                self.stats.duplicates += 1  # a re-send (latched, or a re-delivery): deliver once
+                continue
             if ts.policy == "reliable":
-                last = ts.last_seq.get(rec.src)
                 if last is not None:
-                    if rec.seq <= last:
-                        self.stats.duplicates += 1
-                        continue
                     if rec.seq > last + 1:
                         missed = rec.seq - last - 1
                         self.stats.gaps += missed
                         log.warning("%s: %d message(s) lost from publisher %s (seq %d -> %d)",
                                     ts.topic, missed, rec.src, last, rec.seq)
-                ts.last_seq[rec.src] = rec.seq
+            ts.last_seq[rec.src] = rec.seq
             self.stats.received += 1
             with self._lock:
                 subs = [s for s in self._subs if s.topic == ts.topic and s.policy == ts.policy]
