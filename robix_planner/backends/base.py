@@ -1,0 +1,122 @@
+"""The interface every model backend implements, and what it consumes.
+
+A backend turns a :data:`Prompt` (chat messages whose content mixes text and images)
+into a stream of text deltas. It is model-agnostic on purpose: the planner's format
+module (:mod:`robix_planner.format`) decides *what* the prompt says and how the output
+is tagged; a backend only decides how to feed it to its model (a local transformers
+VLM, an OpenAI-compatible server, a script).
+
+Cancellation: :meth:`Backend.generate` gets a ``threading.Event``; when it is set the
+stream must end within one decoding step (a local model checks it between tokens; a
+server stream is closed, which cancels the request in vLLM and SGLang).
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator, Literal, Optional, Union
+
+from robix_planner.config import Config
+
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True, eq=False)
+class ImagePart:
+    """One camera view inside a message: an ``(H, W, 3)`` uint8 RGB numpy array."""
+
+    pixels: object  # numpy.ndarray; typed loosely so importing this module needs no numpy
+    camera: str = "head"
+
+
+Part = Union[str, ImagePart]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Role
+    content: tuple[Part, ...]
+
+    @property
+    def text(self) -> str:
+        """The text parts joined (images left out)."""
+        return "".join(p for p in self.content if isinstance(p, str))
+
+    @property
+    def images(self) -> list[ImagePart]:
+        return [p for p in self.content if isinstance(p, ImagePart)]
+
+
+#: What a backend consumes: system, then alternating user / assistant turns.
+Prompt = list[ChatMessage]
+
+
+class ModelConfig(Config):
+    """Which model answers, and how. One section of the planner's config tree."""
+
+    #: "hf" (local transformers VLM), "openai" (OpenAI-compatible server), "scripted"
+    #: (replays ``outputs``), or "package.module:Class" for any other Backend subclass.
+    backend: str = "scripted"
+    #: hf: a local directory in the transformers layout (nothing is downloaded).
+    path: Optional[str] = None
+    #: hf: an optional peft (LoRA) adapter directory applied on top of ``path``.
+    adapter: Optional[str] = None
+    #: hf: "cpu", "cuda", "auto".
+    device: str = "cpu"
+    #: hf: "float32", "bfloat16", "float16", "auto".
+    dtype: str = "float32"
+    #: hf: reuse the KV cache of the unchanged prompt prefix from step to step.
+    prefix_cache: bool = True
+    #: openai: server base URL (e.g. http://127.0.0.1:8000/v1) and the served model name.
+    base_url: Optional[str] = None
+    model: Optional[str] = None
+    #: openai: name of the environment variable holding the API key (never the key itself).
+    api_key_env: Optional[str] = None
+    #: openai: seconds to wait for the first byte / between chunks.
+    timeout_s: float = 60.0
+    #: scripted: the raw model outputs to replay, one per call (the last repeats).
+    outputs: tuple[str, ...] = ()
+    #: scripted: seconds between streamed chunks (simulates decoding speed).
+    chunk_delay_s: float = 0.0
+    #: decoding
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+class BackendError(RuntimeError):
+    """A backend could not answer (server down, model failed). The planner reports it to the user."""
+
+
+@dataclass
+class GenerationStats:
+    """Filled in by a backend during :meth:`Backend.generate` (for PlannerStep timings)."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the previous step
+    new_tokens: int = 0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    cancelled: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+class Backend(abc.ABC):
+    """A model that streams text for a prompt and can be cancelled mid-generation."""
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+        self.last_stats = GenerationStats()
+
+    @abc.abstractmethod
+    def generate(self, prompt: Prompt, *, cancel: threading.Event) -> Iterator[str]:
+        """Yield text deltas. Stop within one decoding step once ``cancel`` is set.
+
+        Sets :attr:`last_stats`. Raises :class:`BackendError` when the model cannot answer.
+        """
+
+    def close(self) -> None:
+        """Release the model or connection."""
