@@ -5,12 +5,14 @@ wrong types are errors that name the key and say what is expected.
 
     params = load(WorldParams, "world.yaml", ["camera.rate_hz=5", "seed=3"])
 
-Environment variables are read here and nowhere else (:func:`env`).
+Environment variables are read here and nowhere else (:func:`env`, and :func:`secret_env`
+for a variable that a config names to hold a secret).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Optional, TypeVar
 
@@ -43,6 +45,17 @@ def env(name: str, default: Optional[str] = None) -> Optional[str]:
         raise KeyError(f"{name} is not a documented environment variable; add it to config.ENV_VARS")
     value = os.environ.get(name)
     return value if value not in (None, "") else default
+
+
+def secret_env(name: str) -> Optional[str]:
+    """Read a secret (an API key) from the environment variable a config names, e.g. ``model.api_key_env``.
+
+    The one exception to :data:`ENV_VARS`: the variable's name comes from the user's config,
+    so the secret itself never sits in a config or launch file. Never log the value.
+    """
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name or ""):
+        raise ConfigError(f"{name!r} is not a valid environment variable name")
+    return os.environ.get(name) or None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
