@@ -440,6 +440,8 @@ class Bus:
             types = {(s.topic, s.policy): s.type_name for s in self._subs}
         for key, ts in self._sockets.items():
             want_type = types.get(key)
+            if want_type is None:
+                continue  # its subscription just closed; the socket goes at the next sync
             endpoints = set()
             for p in by_topic.get(ts.topic, ()):
                 if p.type != want_type:

@@ -27,13 +27,13 @@ import threading
 import time
 from typing import Callable, Optional
 
-from robix_planner import skills
+from robix_planner import skills, topics
 from robix_planner.messages import Capabilities, Command, CommandState, CommandStatus
 from robix_planner.node import Node, new_id
 
-COMMAND_TOPIC = "/controller/command"
-STATUS_TOPIC = "/controller/status"
-CAPABILITIES_TOPIC = "/controller/capabilities"
+COMMAND_TOPIC = topics.COMMAND
+STATUS_TOPIC = topics.STATUS
+CAPABILITIES_TOPIC = topics.CAPABILITIES
 
 
 class CommandContext:

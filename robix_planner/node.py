@@ -35,12 +35,12 @@ import time
 import uuid
 from typing import Any, Callable, ClassVar, Optional
 
-from robix_planner import wire
+from robix_planner import topics, wire
 from robix_planner.bus import Bus, BusConfig, Policy, Publisher, Subscription
 from robix_planner.config import Config
 from robix_planner.messages import Heartbeat, Message, NodeState
 
-HEARTBEAT_TOPIC = "/robix/heartbeat"
+HEARTBEAT_TOPIC = topics.HEARTBEAT
 
 
 def new_id() -> str:
