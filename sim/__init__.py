@@ -13,7 +13,10 @@ Modules, each owning one thing:
 - :mod:`sim.scoring`   the episode log and its scorer (task progress and behaviour checks)
 - :mod:`sim.oracle`    the privileged oracle planner and the :class:`~sim.oracle.Decision` type
 - :mod:`sim.runner`    the fast in-process episode runner
+- :mod:`sim.nodes`     the world, the user, the oracle and a whole simulation as bus nodes
+- :mod:`sim.eval`      ``robix eval online``: scores per category, over the bus or in process
 
-``sim`` may import :mod:`robix_planner.messages` and :mod:`robix_planner.skills`; nothing in
-``robix_planner`` imports ``sim``. Importing this package loads nothing heavy.
+``sim`` may import :mod:`robix_planner` (messages and skills; the bus, nodes and controller
+protocol in :mod:`sim.nodes`); nothing in ``robix_planner`` imports ``sim`` (``robix eval``
+comes in through the ``robix.commands`` entry point). Importing this package loads nothing heavy.
 """
