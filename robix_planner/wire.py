@@ -113,7 +113,7 @@ def decode(
         raise ProtocolError(f"topic is not UTF-8: {exc}") from None
     try:
         env = _decoder.decode(header)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:  # bad UTF-8 in a str
         raise ProtocolError(f"bad envelope on {topic!r}: {exc}") from None
     if env.v != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {env.v} on {topic!r}; this node speaks {PROTOCOL_VERSION}")
@@ -126,7 +126,7 @@ def decode(
     nbytes = len(header)
     for i, name in enumerate(blob_fields):
         index = getattr(msg, name)
-        if index != 2 + i or isinstance(index, bool):
+        if type(index) is not int or index != 2 + i:  # not 2.0, not True: hostile peers send both
             raise ProtocolError(f"{type(msg).__name__}.{name} must be frame index {2 + i}, got {index!r}")
         blob = views[index]
         if len(blob) > max_blob_bytes:
@@ -181,7 +181,7 @@ def unpack_message(data: bytes) -> Message:
     """Inverse of :func:`pack_message`, validated."""
     try:
         msg = _single_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"bad recorded message: {exc}") from None
     _check_blobs(msg)
     return msg
