@@ -438,7 +438,7 @@ class Bus:
                 by_topic[p.topic].append(p)
         with self._lock:
             types = {(s.topic, s.policy): s.type_name for s in self._subs}
-        for key, ts in self._sockets.items():
+        for key, ts in list(self._sockets.items()):
             want_type = types.get(key)
             if want_type is None:
                 continue  # its subscription just closed; the socket goes at the next sync
@@ -450,17 +450,27 @@ class Bus:
                               ts.topic, p.node, p.type, want_type)
                     continue
                 endpoints.add(p.endpoint)
+            if ts.endpoints - endpoints:
+                # A publisher left. Rebuild the socket rather than disconnect(): after libzmq
+                # has dropped a peer itself (e.g. an oversized frame), disconnect() of that
+                # endpoint can tear down a different, healthy connection (libzmq #4196).
+                self._drain(ts)
+                ts = self._rebuild(key, ts)
             for ep in endpoints - ts.endpoints:
                 ts.sock.connect(ep)
-            for ep in ts.endpoints - endpoints:
-                try:
-                    ts.sock.disconnect(ep)
-                except zmq.ZMQError:
-                    pass
             ts.endpoints = endpoints
 
+    def _rebuild(self, key: tuple[str, str], old: _TopicSocket) -> _TopicSocket:
+        ts = _TopicSocket(self, *key)
+        ts.last_seq = old.last_seq  # keep duplicate/gap tracking across the rebuild
+        self._poller.unregister(old.sock)
+        old.sock.close(linger=0)
+        self._poller.register(ts.sock, zmq.POLLIN)
+        self._sockets[key] = ts
+        return ts
+
     def _io_loop(self) -> None:
-        poller = zmq.Poller()
+        poller = self._poller = zmq.Poller()
         next_scan = 0.0
         period = self.config.discovery_period_s
         try:
@@ -503,6 +513,10 @@ class Bus:
             except wire.ProtocolError as exc:
                 self._protocol_error(ts.topic, str(exc))
                 continue
+            except Exception as exc:  # a decoder bug must not stop all delivery in this process
+                log.exception("unexpected error decoding a message on %s", ts.topic)
+                self._protocol_error(ts.topic, f"{type(exc).__name__}: {exc}")
+                continue
             if rec.topic != ts.topic:
                 continue  # ZeroMQ filters by prefix; "/cam" also matches "/camera"
             last = ts.last_seq.get(rec.src)
@@ -524,7 +538,11 @@ class Bus:
                 if not isinstance(rec.msg, sub.msg_type):
                     self._protocol_error(ts.topic, f"got {type(rec.msg).__name__}, expected {sub.msg_type.__name__}")
                     continue
-                sub.deliver(sub, rec)
+                try:
+                    sub.deliver(sub, rec)
+                except Exception:  # e.g. BrokenPipeError in `robix topic echo | head`
+                    self.stats.callback_errors += 1
+                    log.exception("delivery to %s on %s failed", sub.node, ts.topic)
 
     def _protocol_error(self, topic: str, detail: str) -> None:
         self.stats.protocol_errors += 1

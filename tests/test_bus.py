@@ -14,7 +14,7 @@ import time
 import msgspec
 import pytest
 
-from robix_planner.bus import Bus, read_graph
+from robix_planner.bus import Bus, graph_root, read_graph
 from robix_planner.messages import Capabilities, Command, Image, Utterance
 from robix_planner.node import Node, NodeConfig
 from robix_planner.skills import TABLETOP_SKILLS
@@ -270,8 +270,54 @@ def test_a_dead_process_entry_is_pruned(bus_config, bus_env):
     finally:
         proc.send_signal(signal.SIGKILL)  # no chance to clean up
         proc.wait(timeout=TIMEOUT_S)
-    with Bus(bus_config, name="survivor") as bus:
-        path = bus.root / f"{bus_id}.json"
-        assert bus_id and path.exists(), "the killed process left its entry behind"
+    path = graph_root(bus_config) / f"{bus_id}.json"
+    assert bus_id and path.exists(), "the killed process left its entry behind"
+    with Bus(bus_config, name="survivor") as bus:  # its first discovery scan prunes the entry
         assert [e.bus for e in bus.graph()] == [bus.id]
         assert not path.exists()
+
+
+# --------------------------------------------------------------------------- resilience of the IO thread
+
+
+def test_a_publisher_leaving_does_not_cut_the_others_off(nodes):
+    """When a publisher leaves, the topic's socket is rebuilt (never disconnect()): the rest keep flowing."""
+    sub = nodes("listener")
+    got: queue.Queue = queue.Queue()
+    sub.create_subscription("/user/utterance", Utterance, lambda m: got.put(m.text))
+    sub.start()
+    a, b = nodes("alice"), nodes("bob")
+    pub_a = a.create_publisher("/user/utterance", Utterance)
+    pub_b = b.create_publisher("/user/utterance", Utterance)
+    assert pub_a.wait_for_subscribers(1, TIMEOUT_S) and pub_b.wait_for_subscribers(1, TIMEOUT_S)
+    pub_a.publish(Utterance(text="from alice"))
+    pub_b.publish(Utterance(text="from bob"))
+    assert sorted(drain(got, 2)) == ["from alice", "from bob"]
+    a.shutdown()  # alice leaves the graph: the listener rebuilds its socket
+    wait_until(lambda: all("alice" not in e.nodes for e in sub.bus.graph()), what="alice gone from the graph")
+    time.sleep(0.1)  # a few discovery periods: the rebuild has happened
+    assert pub_b.wait_for_subscribers(1, TIMEOUT_S)
+    for i in range(3):
+        pub_b.publish(Utterance(text=f"bob {i}"))
+    assert drain(got, 3) == ["bob 0", "bob 1", "bob 2"]
+    assert sub.bus.stats.gaps == 0 and sub.bus.stats.duplicates == 0
+
+
+def test_a_failing_delivery_never_stops_the_io_thread(bus_config):
+    """A deliver hook that raises (BrokenPipeError in `robix topic echo | head`) is counted; delivery goes on."""
+    calls: list[str] = []
+
+    def deliver(_sub, rec):
+        calls.append(rec.msg.text)
+        if rec.msg.text == "boom":
+            raise BrokenPipeError("stdout closed")
+
+    with Bus(bus_config) as rx, Bus(bus_config) as tx:
+        rx.subscribe("/user/utterance", Utterance, deliver)
+        pub = tx.publisher("/user/utterance", Utterance)
+        assert pub.wait_for_subscribers(1, TIMEOUT_S)
+        pub.publish(Utterance(text="boom"))
+        pub.publish(Utterance(text="after"))
+        wait_until(lambda: calls == ["boom", "after"], what="delivery after a failing hook")
+        assert rx.stats.callback_errors == 1
+        assert rx._thread.is_alive()
