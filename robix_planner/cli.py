@@ -25,8 +25,11 @@ PLUGIN_GROUP = "robix.commands"
 SUBCOMMAND_MODULES = (
     "robix_planner.runner",
     "robix_planner.launch",
+    "robix_planner.planner",
     "robix_planner.tools.topic",
     "robix_planner.tools.record",
+    "robix_planner.chat",
+    "robix_planner.tts",
 )
 
 
