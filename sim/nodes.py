@@ -919,6 +919,10 @@ class SimulationNode(Node):
         from sim.scoring import Event
 
         t = self.clock.now_s()
+        if not msg.text.strip():  # a bare barge-in flush: the robot fell silent, it said nothing
+            if msg.flush:
+                self._say("%7.2f s  robot:   (stops talking)", t)
+            return
         if self._log(Event.reply_of(t, msg.text)):
             self._say("%7.2f s  robot:   %s", t, msg.text)
 

@@ -295,7 +295,9 @@ def _check(p: Predicate, lg: _Log, loc: dict[str, str]) -> bool:
         return _refused_ok(lg, u)
     if p.type is T.REPLIED:
         end = lg.next_utt(u)
-        return bool(lg.replies_between(u, end)) and not any(c.skill == "stop" for c in lg.cmds_between(u, end))
+        # A halt on hearing the user is the planner's default (issue 4: halt at once, then
+        # replan); small talk then resumes the task, which the `at` predicates check.
+        return bool(lg.replies_between(u, end))
     if p.type is T.STOPPED:
         return _stop_ok(lg, u, p.within_s)
     raise ValueError(f"unknown predicate type {p.type!r}")
