@@ -31,13 +31,14 @@ import copy
 import logging
 import threading
 import time
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Optional, Union
 
 import msgspec
 
 from robix_planner import format as fmt
 from robix_planner import skills
-from robix_planner.backends.base import Backend, BackendError, GenerationStats, ModelConfig, Prompt
+from robix_planner.backends.base import BackendError, ModelConfig, Prompt
+from robix_planner.backends.scripted import ScriptedBackend
 from robix_planner.config import Config
 from robix_planner.messages import Command, CommandState, CommandStatus
 from robix_planner.planner import PlannerConfig, PlannerNode
@@ -83,59 +84,40 @@ class _PromptController:
         return self._controller.capabilities()
 
 
-class OracleBackend(Backend):
+class OracleBackend(ScriptedBackend):
     """Answers prompts with the oracle's decisions, streamed in the Robix tag format.
 
+    A :class:`~robix_planner.backends.scripted.ScriptedBackend` whose ``respond`` asks the
+    oracle, so streaming and cancellation are the scripted backend's: ``config.chunk_delay_s``
+    between token-sized pieces, stopping within one piece on cancel.
     ``privileged``: the privileged state, or a function returning it (e.g.
     ``world_node.privileged``, so a new scenario gets a fresh oracle). ``lock``: held while
-    the oracle reads the world (the world node's lock). Streaming honours
-    ``config.chunk_delay_s`` between token-sized pieces and stops within one piece on cancel.
+    the oracle reads the world (the world node's lock).
     """
 
     def __init__(self, config: Optional[ModelConfig] = None, *,
                  privileged: Union[Privileged, Callable[[], Privileged]],
                  lock: Optional[threading.RLock] = None):
-        super().__init__(config or ModelConfig(backend="sim.oracle_backend:OracleBackend"))
+        super().__init__(config or ModelConfig(backend="sim.oracle_backend:OracleBackend"), respond=self._ask_oracle)
         self._privileged = privileged if callable(privileged) else (lambda: privileged)
-        self._lock = lock if lock is not None else contextlib.nullcontext()
+        self._world_lock = lock if lock is not None else contextlib.nullcontext()
         self.oracle: Optional[OraclePlanner] = None
         self._world = None
         self._answered: Optional[int] = None  # completed steps of the prompt we last answered
         self._snapshot: Optional[OraclePlanner] = None
         self._produced: Optional[tuple[str, Optional[str]]] = None
-        self.calls = 0
         self.replayed = 0
 
-    # -- the Backend interface -----------------------------------------------------------
-    def generate(self, prompt: Prompt, *, cancel: threading.Event) -> Iterator[str]:
-        from robix_planner.backends.scripted import split_chunks
-
-        stats = self.last_stats = GenerationStats()
-        t0 = time.perf_counter()
+    def _ask_oracle(self, prompt: Prompt) -> str:
         try:
-            with self._lock:
-                text = self.answer(prompt)
+            with self._world_lock:
+                return self.answer(prompt)
         except (ValueError, KeyError, fmt.FormatError) as exc:
             raise BackendError(f"the oracle cannot answer this prompt: {exc}") from exc
-        t1 = time.perf_counter()
-        stats.prefill_ms = (t1 - t0) * 1e3
-        delay = self.config.chunk_delay_s
-        try:
-            for i, piece in enumerate(split_chunks(text)):
-                if i and delay > 0:
-                    cancel.wait(delay)
-                if cancel.is_set():
-                    stats.cancelled = True
-                    return
-                stats.new_tokens += 1
-                yield piece
-        finally:
-            stats.decode_ms = (time.perf_counter() - t1) * 1e3
 
     # -- answering -----------------------------------------------------------------------
     def answer(self, prompt: Prompt) -> str:
         """The oracle's answer to ``prompt`` (raw model output); keeps the oracle in step with the history."""
-        self.calls += 1
         priv = self._privileged()
         history = fmt.read_history(prompt)
         current = fmt.last_user_turn(prompt)

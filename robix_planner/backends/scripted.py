@@ -101,6 +101,8 @@ class ScriptedBackend(Backend):
             return outputs[min(index, len(outputs) - 1)], index
         try:
             text = self._respond(prompt)
+        except BackendError:
+            raise  # the function already said what went wrong
         except Exception as exc:
             raise BackendError(f"the scripted respond function failed: {exc!r}") from exc
         if not isinstance(text, str):
