@@ -263,6 +263,7 @@ class PlannerNode(Node):
         self._halt_wait: Optional[tuple[str, int]] = None  # (command id, utterance seq)
         self._halt_ms: Optional[float] = None
         self._stop_record: Optional[fmt.ModelOutput] = None
+        self._stop_upto = 0  # sequence number of the stop phrase that _stop_record answers
         self._said_error = False
         self._last_decision_end = time.monotonic()
         self._speaking_until = 0.0
@@ -386,7 +387,7 @@ class PlannerNode(Node):
         if job is not None:
             job.cancel.set()
             job.discarded = job.discarded or not job.committed
-        self._add("utt", text)
+        self._stop_upto = self._add("utt", text)
         self._queued = None
         self._wanted = None
         self._halt_wait = None
@@ -401,11 +402,13 @@ class PlannerNode(Node):
             self._record_stop_phrase()
 
     def _record_stop_phrase(self) -> None:
+        # Only what came up to the stop phrase belongs to its step: an utterance heard while
+        # the cancelled generation was winding down stays pending for the next decision.
         out, self._stop_record = self._stop_record, None
         if out is not None:
-            step = self._step_input()
-            self.memory.append(step, out)
-            self._pending.clear()
+            upto = self._stop_upto
+            self.memory.append(self._step_input(upto=upto), out)
+            self._pending = [it for it in self._pending if it[0] > upto]
 
     def _on_status(self, st: CommandStatus) -> None:
         c = self._inflight.get(st.command_id)
@@ -540,8 +543,9 @@ class PlannerNode(Node):
             return
         self._start_job()
 
-    def _step_input(self, extra_notes: tuple[str, ...] = ()) -> fmt.StepInput:
-        items = self._pending
+    def _step_input(self, extra_notes: tuple[str, ...] = (), upto: Optional[int] = None) -> fmt.StepInput:
+        """The pending inputs as one step; ``upto``: only those with a sequence number <= it."""
+        items = self._pending if upto is None else [it for it in self._pending if it[0] <= upto]
         motion = self._motion()
         return fmt.StepInput(
             utterances=tuple(v for _, k, v in items if k == "utt"),

@@ -369,6 +369,41 @@ def test_a_stop_phrase_halts_without_asking_the_model_and_waits_for_the_user(rig
     assert fmt.Outcome(PUT_CUP, "preempted", "stopped") in current(prompt).outcomes
 
 
+class SlowToStop(Recording):
+    """A backend whose forward pass in flight finishes before it sees the cancel (like a real model)."""
+
+    def generate(self, prompt, *, cancel):
+        yield from super().generate(prompt, cancel=cancel)
+        if cancel.is_set():
+            time.sleep(0.3)
+
+
+def test_an_utterance_right_after_a_stop_phrase_is_answered_not_swallowed(rig):
+    """A request heard while the cancelled generation winds down belongs to the next decision,
+    not to the stop phrase's step (it used to be filed there and never answered)."""
+    fork = "put the fork into the bus tub"
+
+    def respond(prompt):
+        step = current(prompt)
+        if "Put the fork away, please." in step.utterances:
+            return out("They want the fork put away.", fork)
+        if step.utterances == ("Put the red cup away.",):
+            return out(" ".join(["Thinking about the cup."] * 40), PUT_CUP)
+        return out("Waiting.")
+
+    r = rig(backend=SlowToStop(respond, chunk_delay_s=0.02))
+    r.say("Put the red cup away.")
+    wait_until(lambda: len(r.backend.started) >= 2)  # the start decision, then this one
+    time.sleep(0.1)  # inside its long thought
+    r.say("Stop!")
+    r.steps.wait_for(lambda s: s.trigger == "stop_phrase")
+    r.say("Put the fork away, please.")  # the cancelled generation is still winding down
+    _, cmd = r.commands.wait_for(lambda c: c.text == fork)
+    assert "Put the fork away, please." in current(r.backend.prompts[-1]).utterances
+    stop_step = next(s for s in r.planner.memory.steps if "Stop!" in s.input.utterances)
+    assert "Put the fork away, please." not in stop_step.input.utterances
+
+
 def test_a_superseded_decision_is_cancelled_and_discarded(rig):
     def respond(prompt):
         step = current(prompt)
