@@ -21,7 +21,7 @@ import math
 import time
 from typing import Optional
 
-from robix_planner import skills
+from robix_planner import skills, topics
 from robix_planner.config import Config, ConfigError
 from robix_planner.controller import CAPABILITIES_TOPIC, CommandClient, CommandContext, CommandServer
 from robix_planner.messages import Capabilities, Command, CommandState, CommandStatus, Image
@@ -192,7 +192,7 @@ class DemoCommander(Node):
         self._started_at: Optional[float] = None
         self.client = CommandClient(self, self._on_status, ack_timeout_s=p.ack_timeout_s)
         self.create_subscription(CAPABILITIES_TOPIC, Capabilities, self._on_capabilities)
-        self.create_subscription("/camera/head", Image, self._on_image)
+        self.create_subscription(topics.CAMERA_HEAD, Image, self._on_image)
         self._waiting = self.create_timer(0.05, self._maybe_begin)
         self._deadline = self.create_timer(p.capabilities_timeout_s, self._no_controller, oneshot=True)
 

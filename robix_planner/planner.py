@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from robix_planner import format as fmt
-from robix_planner import skills
+from robix_planner import skills, topics
 from robix_planner.backends.base import Backend, BackendError, ImagePart, ModelConfig
 from robix_planner.config import Config, ConfigError
 from robix_planner.controller import CAPABILITIES_TOPIC, CommandClient
@@ -84,10 +84,6 @@ from robix_planner.node import Node, Timer, new_id
 
 log = logging.getLogger(__name__)
 
-SESSION_TOPIC = "/robix/session"
-UTTERANCE_TOPIC = "/user/utterance"
-SPEECH_TOPIC = "/tts/speech"
-STEP_TOPIC = "/planner/step"
 
 #: Words around a stop phrase that do not change its meaning ("Wait, stop!", "Stop right now, please").
 STOP_FILLERS_BEFORE = ("wait", "hold on", "hey", "okay", "ok", "no", "please", "robot", "robix", "oh")
@@ -101,7 +97,7 @@ class PlannerSettings(Config):
     """The ``planner`` section of the planner config."""
 
     #: Camera topics whose latest frames are the current views (in this order).
-    camera_topics: tuple[str, ...] = ("/camera/head",)
+    camera_topics: tuple[str, ...] = (topics.CAMERA_HEAD,)
     #: Wall seconds the start decision waits for the user's opening words.
     start_delay_s: float = 0.5
     #: A periodic decision while idle or executing every this many seconds (0 = off).
@@ -272,11 +268,11 @@ class PlannerNode(Node):
         self.steps = 0  # PlannerSteps published
         # Wiring.
         self.client = CommandClient(self, self._on_status, ack_timeout_s=s.ack_timeout_s)
-        self.speech_pub = self.create_publisher(SPEECH_TOPIC, Speech)
-        self.step_pub = self.create_publisher(STEP_TOPIC, PlannerStep)
+        self.speech_pub = self.create_publisher(topics.SPEECH, Speech)
+        self.step_pub = self.create_publisher(topics.PLANNER_STEP, PlannerStep)
         self.create_subscription(CAPABILITIES_TOPIC, Capabilities, self._on_capabilities)
-        self.create_subscription(SESSION_TOPIC, SessionStart, self._on_session)
-        self.create_subscription(UTTERANCE_TOPIC, Utterance, self._on_utterance)
+        self.create_subscription(topics.SESSION, SessionStart, self._on_session)
+        self.create_subscription(topics.UTTERANCE, Utterance, self._on_utterance)
         for topic in s.camera_topics:
             self.create_subscription(topic, Image, lambda img, t=topic: self._frames.__setitem__(t, img))
         self.create_timer(min(0.5, s.check_period_s or 0.5), self._housekeeping)

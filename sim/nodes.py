@@ -68,10 +68,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-SESSION_TOPIC = topics.SESSION
-UTTERANCE_TOPIC = topics.UTTERANCE
-SPEECH_TOPIC = topics.SPEECH
-PLANNER_STEP_TOPIC = topics.PLANNER_STEP
 CAMERA = "head"
 CAMERA_TOPIC = topics.camera(CAMERA)
 
@@ -357,10 +353,10 @@ class UserNode(Node):
         self._early: collections.OrderedDict[str, list[tuple[CommandStatus, float]]] = collections.OrderedDict()
         self._timer: Optional[Timer] = None
         self._timer_at_s: Optional[float] = None
-        self.pub = self.create_publisher(UTTERANCE_TOPIC, Utterance)
+        self.pub = self.create_publisher(topics.UTTERANCE, Utterance)
         self.create_subscription(COMMAND_TOPIC, Command, self._on_command)
         self.create_subscription(STATUS_TOPIC, CommandStatus, self._on_status)
-        self.create_subscription(SPEECH_TOPIC, Speech, self._on_speech)
+        self.create_subscription(topics.SPEECH, Speech, self._on_speech)
         if self.params.scenario:
             self.load(_load_stored(self.params.scenario))
             self._waiting = self.create_timer(0.05, self._start_when_heard)
@@ -543,10 +539,10 @@ class OracleNode(Node):
         self._awaiting_start = False
         self._start_timer: Optional[Timer] = None
         self.client = CommandClient(self, self._on_status, ack_timeout_s=self.params.ack_timeout_s)
-        self.speech_pub = self.create_publisher(SPEECH_TOPIC, Speech)
-        self.step_pub = self.create_publisher(PLANNER_STEP_TOPIC, PlannerStep)
-        self.create_subscription(SESSION_TOPIC, SessionStart, self._on_session)
-        self.create_subscription(UTTERANCE_TOPIC, Utterance, self._on_utterance)
+        self.speech_pub = self.create_publisher(topics.SPEECH, Speech)
+        self.step_pub = self.create_publisher(topics.PLANNER_STEP, PlannerStep)
+        self.create_subscription(topics.SESSION, SessionStart, self._on_session)
+        self.create_subscription(topics.UTTERANCE, Utterance, self._on_utterance)
         self.create_subscription(CAPABILITIES_TOPIC, Capabilities, self._on_capabilities)
 
     # -- inputs --------------------------------------------------------------------------
@@ -738,12 +734,12 @@ class SimulationNode(Node):
         self.user_node = UserNode(msgspec.structs.replace(p.user, time_scale=p.time_scale), clock=self.clock, **child)
         self.oracle_node = OracleNode(p.planner, world=self.world_node, clock=self.clock, **child) if p.oracle else None
         self.children: list[Node] = [n for n in (self.world_node, self.user_node, self.oracle_node) if n is not None]
-        self.session_pub = self.create_publisher(SESSION_TOPIC, SessionStart)
-        self.create_subscription(UTTERANCE_TOPIC, Utterance, self._on_utterance)
+        self.session_pub = self.create_publisher(topics.SESSION, SessionStart)
+        self.create_subscription(topics.UTTERANCE, Utterance, self._on_utterance)
         self.create_subscription(COMMAND_TOPIC, Command, self._on_command)
         self.create_subscription(STATUS_TOPIC, CommandStatus, self._on_status)
-        self.create_subscription(SPEECH_TOPIC, Speech, self._on_speech)
-        self.create_subscription(PLANNER_STEP_TOPIC, PlannerStep, self._on_step)
+        self.create_subscription(topics.SPEECH, Speech, self._on_speech)
+        self.create_subscription(topics.PLANNER_STEP, PlannerStep, self._on_step)
         self._episode: Optional[_Episode] = None
         self._done = threading.Event()
         self._result: Optional[BusEpisode] = None

@@ -23,11 +23,10 @@ from robix_planner.messages import (
     Speech,
     Utterance,
 )
+from robix_planner import topics
 from robix_planner.node import HEARTBEAT_TOPIC, Node, NodeConfig
 from sim.nodes import (
     CAMERA_TOPIC,
-    SPEECH_TOPIC,
-    UTTERANCE_TOPIC,
     OracleNode,
     SimClock,
     SimulationNode,
@@ -185,7 +184,7 @@ def test_user_node_interrupts_from_bus_messages_alone(nodes, bus_config, sid):
     cmd_pub = robot.create_publisher(COMMAND_TOPIC, Command)
     status_pub = robot.create_publisher(STATUS_TOPIC, CommandStatus)
     heard = Inbox()
-    robot.create_subscription(UTTERANCE_TOPIC, Utterance, heard.put)
+    robot.create_subscription(topics.UTTERANCE, Utterance, heard.put)
     nodes(robot)
     assert user.pub.wait_for_subscribers(1, TIMEOUT_S)
     assert cmd_pub.wait_for_subscribers(1, TIMEOUT_S) and status_pub.wait_for_subscribers(1, TIMEOUT_S)
@@ -220,9 +219,9 @@ def test_user_node_answers_a_question_heard_on_the_tts_topic(nodes, bus_config):
     clock = SimClock(time_scale=20)
     user = nodes(UserNode(clock=clock, bus_config=bus_config, node_config=QUIET))
     robot = Node("robot", bus_config=bus_config, node_config=QUIET)
-    tts = robot.create_publisher(SPEECH_TOPIC, Speech)
+    tts = robot.create_publisher(topics.SPEECH, Speech)
     heard = Inbox()
-    robot.create_subscription(UTTERANCE_TOPIC, Utterance, heard.put)
+    robot.create_subscription(topics.UTTERANCE, Utterance, heard.put)
     nodes(robot)
     assert user.pub.wait_for_subscribers(1, TIMEOUT_S) and tts.wait_for_subscribers(1, TIMEOUT_S)
     user.load(scenario)
