@@ -13,6 +13,7 @@ import time
 
 import msgspec
 import pytest
+from waiting import wait_until
 
 from robix_planner.bus import Bus, graph_root, read_graph
 from robix_planner.messages import Capabilities, Command, Image, Utterance
@@ -21,14 +22,6 @@ from robix_planner.skills import TABLETOP_SKILLS
 
 TIMEOUT_S = 5.0
 FRAME_BYTES = 640 * 480 * 3
-
-
-def wait_until(predicate, timeout_s: float = TIMEOUT_S, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.005)
 
 
 def drain(q: queue.Queue, n: int, timeout_s: float = TIMEOUT_S) -> list:

@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from waiting import wait_until
 
 from robix_planner import topics
 from robix_planner.chat import ChatSession, describe, format_line
@@ -22,14 +23,6 @@ from robix_planner.node import Node, NodeConfig
 TIMEOUT_S = 10.0
 QUIET = NodeConfig(heartbeat_period_s=0)
 STAMP = r"\d\d:\d\d:\d\d\.\d\d\d"
-
-
-def wait_until(predicate, timeout_s: float = TIMEOUT_S, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.005)
 
 
 # --------------------------------------------------------------------------- rendering, no sockets

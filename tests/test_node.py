@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+from waiting import wait_until
 
 from robix_planner.bus import Bus, read_graph
 from robix_planner.messages import Heartbeat, Image, NodeState, Utterance
@@ -20,14 +21,6 @@ TIMEOUT_S = 5.0
 
 def quiet(name: str, bus_config, **kw) -> Node:
     return Node(name, bus_config=bus_config, node_config=kw.pop("node_config", NodeConfig(heartbeat_period_s=0)), **kw)
-
-
-def wait_until(predicate, timeout_s: float = TIMEOUT_S, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.005)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
+from waiting import wait_until
 
 from robix_planner import format as fmt
 from robix_planner import skills
@@ -173,13 +174,6 @@ def rig(bus_config):
     yield make
     for r in made:
         r.close()
-
-
-def wait_until(pred, timeout_s: float = TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
 
 
 def current(prompt) -> fmt.StepInput:

@@ -12,6 +12,7 @@ import msgspec
 import numpy as np
 import pytest
 from mcap.reader import make_reader
+from waiting import wait_until
 
 from robix_planner import cli, skills, wire
 from robix_planner.messages import (
@@ -33,14 +34,6 @@ from robix_planner.tools.record import McapLogReader, McapLogWriter
 TIMEOUT_S = 10.0
 #: How far a replayed gap between two messages may differ from the recorded one.
 TIMING_TOLERANCE_S = 0.04
-
-
-def wait_until(predicate, timeout_s: float = TIMEOUT_S, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.005)
 
 
 def plain(msg) -> dict:

@@ -16,20 +16,13 @@ import msgspec
 import numpy as np
 import pytest
 import yaml
+from waiting import wait_until
 
 from robix_planner import cli
 from robix_planner.messages import Command, CommandStatus, Image, Utterance, now_ns
 from robix_planner.node import Node, NodeConfig
 
 TIMEOUT_S = 10.0
-
-
-def wait_until(predicate, timeout_s: float = TIMEOUT_S, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.005)
 
 
 @pytest.fixture

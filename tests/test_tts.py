@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from waiting import wait_until
 
 from robix_planner import topics
 from robix_planner.config import ConfigError
@@ -21,14 +22,6 @@ from robix_planner.tts import EspeakSpeaker, FakeSpeaker, PrintSpeaker, SpeechQu
 TIMEOUT_S = 5.0
 #: How soon after a flush is published the speech must have stopped (bus hop + executor + stop).
 STOP_BOUND_S = 1.0
-
-
-def wait_until(predicate, timeout_s: float = TIMEOUT_S, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.005)
 
 
 QUIET = NodeConfig(heartbeat_period_s=0)
