@@ -714,6 +714,10 @@ class SimulationNode(Node):
         quiet_wall_s: float = 0.1
         #: Wait this long (wall) for a PlannerStep after an utterance or final status.
         decision_timeout_s: float = 10.0
+        #: The planner publishes a PlannerStep per decision (the Robix planner node and the
+        #: oracle do), so the end of an episode waits for the step that answers each trigger
+        #: from the start. False: wait only once a first step was seen (planners that publish none).
+        planner_publishes_steps: bool = True
         #: Give up (exit 1) if the bus is not connected within this time (wall).
         ready_timeout_s: float = 30.0
         world: WorldNode.Params = WorldNode.Params()
@@ -832,7 +836,7 @@ class SimulationNode(Node):
         self.clock.reset(0.0)
         self.world_node.load_scenario(scenario)
         self.user_node.load(scenario)
-        self._episode = _Episode(scenario, wall0=time.monotonic())
+        self._episode = _Episode(scenario, wall0=time.monotonic(), steps_seen=self.params.planner_publishes_steps)
         self._say("episode %s (%s, %s): session start", scenario.id, scenario.category.value, scenario.variant)
         self.session_pub.publish(SessionStart(session=scenario.id))
         self.create_timer(self.params.session_gap_s, lambda: self._go(self._episode), oneshot=True)

@@ -212,14 +212,6 @@ class OraclePlannerSim(SimulationNode):
                                         node_config=self.node_config)
         self.children.append(self.planner_node)
 
-    def begin(self, scenario) -> None:
-        super().begin(scenario)
-        # This planner publishes a PlannerStep for every decision, so the end of the episode
-        # waits for the step that answers each trigger from the first utterance on (without
-        # this, a first decision slower than the quiet period would end the episode early).
-        if self._episode is not None:
-            self._episode.steps_seen = True
-
     def ready(self) -> bool:
         """Every link of an episode is connected: world, user, session and the planner's publishers."""
         pl = self.planner_node
