@@ -82,12 +82,23 @@ class CommandServer:
         self._remember = remember
         self._lock = threading.Lock()
         self._current: Optional[CommandContext] = None
+        self._worker: Optional[threading.Thread] = None
         self.status_pub = node.create_publisher(STATUS_TOPIC, CommandStatus)
         self.caps_pub = node.create_publisher(CAPABILITIES_TOPIC, Capabilities, latched=True)
         node.create_subscription(COMMAND_TOPIC, Command, self._on_message)
         if capabilities_period_s > 0:
             node.create_timer(capabilities_period_s, self.publish_capabilities)
+        node.add_shutdown_callback(self._cancel_on_shutdown)
         self.publish_capabilities()
+
+    def _cancel_on_shutdown(self, wait_s: float = 2.0) -> None:
+        """At node shutdown: cancel the running command and let it report (preempted) while the
+        status publisher is still open."""
+        current, worker = self._current, self._worker
+        if current is not None:
+            current.cancelled.set()
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(wait_s)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -147,7 +158,8 @@ class CommandServer:
         ctx = CommandContext(self, cmd)
         self._current = ctx
         self.report(cmd.id, CommandState.ACCEPTED)
-        threading.Thread(target=self._run, args=(ctx,), name=f"cmd-{cmd.id}", daemon=True).start()
+        self._worker = threading.Thread(target=self._run, args=(ctx,), name=f"cmd-{cmd.id}", daemon=True)
+        self._worker.start()
 
     def _run(self, ctx: CommandContext) -> None:
         cmd = ctx.command

@@ -191,6 +191,7 @@ class Node:
         self._shutdown = threading.Event()
         self.exit_code = 0
         self.on_shutdown_requested: Optional[Callable[["Node"], None]] = None
+        self._shutdown_callbacks: list[Callable[[], Any]] = []
         self.bus.add_node(name)
         self._hb_pub = self.create_publisher(HEARTBEAT_TOPIC, Heartbeat)
         if self.node_config.heartbeat_period_s > 0:
@@ -238,6 +239,11 @@ class Node:
     def on_shutdown(self) -> None:
         """Hook: runs once before the node's sockets close."""
 
+    def add_shutdown_callback(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` at shutdown, after :meth:`on_shutdown` and while the sockets are still open
+        (helpers composed into a node, such as a CommandServer, finish their work here)."""
+        self._shutdown_callbacks.append(fn)
+
     def request_shutdown(self, exit_code: int = 0) -> None:
         """Ask :func:`spin` to take the process down (e.g. a node that finished its job)."""
         self.exit_code = exit_code
@@ -254,10 +260,11 @@ class Node:
         if self._state is NodeState.SHUTTING_DOWN:
             return
         self._state = NodeState.SHUTTING_DOWN
-        try:
-            self.on_shutdown()
-        except Exception:
-            self.log.exception("on_shutdown failed")
+        for fn in [self.on_shutdown, *self._shutdown_callbacks]:
+            try:
+                fn()
+            except Exception:
+                self.log.exception("shutdown callback %r failed", fn)
         self._executor.stop()
         try:
             self._heartbeat()

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from waiting import wait_until
 
 from robix_planner.controller import COMMAND_TOPIC, CommandClient, CommandContext, CommandServer
 from robix_planner.messages import Capabilities, Command, CommandState, CommandStatus
@@ -238,3 +239,32 @@ def test_event_style_server_acknowledges_and_lets_the_robot_report(bus_config, p
         assert [c.id for c in received] == [cmd.id]
     finally:
         node.shutdown()
+
+
+def test_node_shutdown_cancels_the_running_command_and_it_reports_preempted(bus_config):
+    """Shutting a controller node down mid-command cancels the command, which ends with a
+    'preempted' status sent while the sockets are still open (no 'publisher closed' error)."""
+    caps = Capabilities(robot="arm", skills=list(TABLETOP_SKILLS), objects=["red cup"], receptacles=["bus tub"])
+    started, finished = threading.Event(), threading.Event()
+
+    def execute(cmd, ctx):
+        started.set()
+        ctx.cancelled.wait(30)
+        finished.set()
+
+    statuses = []
+    robot = Node("robot", bus_config=bus_config).start()
+    server = CommandServer(robot, caps, execute=execute)
+    planner = Node("planner", bus_config=bus_config).start()
+    try:
+        client = CommandClient(planner, statuses.append)
+        assert server.status_pub.wait_for_subscribers(1, 5.0)
+        client.send("pick up the red cup", "pick_up", {"object": "red cup"})
+        assert started.wait(5.0)
+        robot.shutdown()
+        assert finished.is_set(), "shutdown returned before the command ended"
+        wait_until(lambda: any(s.state is CommandState.PREEMPTED for s in statuses), 5.0, "the preempted status")
+        assert robot.bus.stats.callback_errors == 0
+    finally:
+        robot.shutdown()
+        planner.shutdown()
