@@ -610,3 +610,35 @@ def read_history(prompt: Prompt) -> list[Step]:
 def count_steps(prompt: Prompt) -> int:
     """How many completed steps (assistant turns) a prompt holds."""
     return sum(m.role == "assistant" for m in prompt)
+
+
+# --------------------------------------------------------------------------- to transformers
+
+def to_hf_messages(prompt: Prompt) -> tuple[list[dict], list[ImagePart]]:
+    """A prompt as transformers chat messages, and its images in order.
+
+    Each message becomes ``{"role": ..., "content": [{"type": "text", "text": ...} |
+    {"type": "image"}, ...]}`` (the multimodal chat format of ``apply_chat_template`` and of
+    trl's conversational datasets); each :class:`ImagePart` becomes an ``{"type": "image"}``
+    placeholder and is returned, in order, in the second list. The ``hf`` backend and the
+    training data both go through this function, so a model is trained on exactly what it
+    reads at run time.
+    """
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    messages: list[dict] = []
+    images: list[ImagePart] = []
+    for msg in prompt:
+        if not isinstance(msg, ChatMessage):
+            raise TypeError(f"prompt items must be ChatMessage, got {type(msg).__name__}")
+        content = []
+        for part in msg.content:
+            if isinstance(part, str):
+                content.append({"type": "text", "text": part})
+            elif isinstance(part, ImagePart):
+                content.append({"type": "image"})
+                images.append(part)
+            else:
+                raise TypeError(f"message content must be str or ImagePart, got {type(part).__name__}")
+        messages.append({"role": msg.role, "content": content})
+    return messages, images

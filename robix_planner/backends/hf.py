@@ -53,6 +53,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from robix_planner import format as fmt
 from robix_planner.backends.base import (
     Backend,
     BackendError,
@@ -246,22 +247,7 @@ class HFBackend(Backend):
 
     def _encode(self, prompt: Prompt):
         """Chat template + processor: token ids (1, n) and pixel inputs for every image in order."""
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        messages, images = [], []
-        for msg in prompt:
-            if not isinstance(msg, ChatMessage):
-                raise TypeError(f"prompt items must be ChatMessage, got {type(msg).__name__}")
-            content = []
-            for part in msg.content:
-                if isinstance(part, str):
-                    content.append({"type": "text", "text": part})
-                elif isinstance(part, ImagePart):
-                    content.append({"type": "image"})
-                    images.append(part)
-                else:
-                    raise TypeError(f"message content must be str or ImagePart, got {type(part).__name__}")
-            messages.append({"role": msg.role, "content": content})
+        messages, images = fmt.to_hf_messages(prompt)
         last_is_assistant = prompt[-1].role == "assistant"
         text = self.processor.apply_chat_template(
             messages,
