@@ -57,9 +57,7 @@ from robix_planner import format as fmt
 from robix_planner.backends.base import (
     Backend,
     BackendError,
-    ChatMessage,
     GenerationStats,
-    ImagePart,
     ModelConfig,
     Prompt,
 )
