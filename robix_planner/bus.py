@@ -10,7 +10,10 @@ Topology (specified in docs/protocol.md):
   ``$ROBIX_GRAPH_DIR/<domain>/`` and scans that directory to find the endpoints of the
   topics it subscribes to; stale files of dead processes are removed;
 * one IO thread per bus owns every SUB socket, validates what arrives
-  (:func:`robix_planner.wire.decode`), and hands messages to the subscriptions.
+  (:func:`robix_planner.wire.decode`), and hands messages to the subscriptions;
+* large blobs of *latest* publishers travel through shared memory when every subscriber is
+  on this host and says it reads shared memory (:mod:`robix_planner.shm`); the rest of the
+  message still goes over the publisher's socket.
 
 Delivery policies, per topic (by default from the message class):
 
@@ -24,7 +27,7 @@ Delivery policies, per topic (by default from the message class):
 from __future__ import annotations
 
 import collections
-import json
+import ipaddress
 import logging
 import os
 import socket as _socket
@@ -32,14 +35,14 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
 import msgspec
 import zmq
 
-from robix_planner import wire
+from robix_planner import shm, wire
 from robix_planner.config import Config, ConfigError, env
 from robix_planner.messages import PROTOCOL_VERSION, Message, type_name
 
@@ -67,6 +70,14 @@ class BusConfig(Config):
     #: Size limits on what is accepted from a peer.
     max_header_bytes: int = wire.DEFAULT_MAX_HEADER_BYTES
     max_blob_bytes: int = wire.DEFAULT_MAX_BLOB_BYTES
+    #: Shared-memory blobs (docs/protocol.md section 15). "auto": this process reads them, and its
+    #: latest-policy publishers send blobs of >= shm_min_bytes through a ring in /dev/shm when they
+    #: are bound to loopback or ipc and every subscriber of the topic is on this host and reads
+    #: them; "off": neither (every blob travels in a ZeroMQ frame).
+    shm: Literal["auto", "off"] = "auto"
+    shm_min_bytes: int = 64 * 1024
+    #: Slots per publisher ring (a slot is rewritten only when no subscriber holds it).
+    shm_slots: int = 8
 
 
 def graph_root(cfg: BusConfig) -> Path:
@@ -94,6 +105,8 @@ class SubscriptionEntry(msgspec.Struct, kw_only=True):
     type: str
     node: str
     policy: str
+    #: This subscription's process reads shared-memory blob descriptors (protocol section 15).
+    shm: bool = False
 
 
 class GraphEntry(msgspec.Struct, kw_only=True):
@@ -144,6 +157,8 @@ def read_graph(root: Path, *, prune: bool = True) -> list[GraphEntry]:
                     log.info("removed stale graph entry of dead pid %d", entry.pid)
                 except FileNotFoundError:
                     pass
+                if shm.remove_segments(entry.bus):
+                    log.info("removed shared-memory segments of dead pid %d", entry.pid)
             continue
         entries.append(entry)
     return entries
@@ -164,6 +179,9 @@ class BusStats:
     superseded: int = 0  # latest-only messages replaced by a newer one before delivery
     callback_errors: int = 0
     type_mismatches: int = 0
+    shm_published: int = 0  # messages whose blobs this process sent through shared memory
+    shm_received: int = 0  # messages whose blobs this process read from shared memory
+    shm_stale: int = 0  # shared-memory blobs overwritten by newer ones before they were read: dropped
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -175,7 +193,8 @@ class BusStats:
 class Publisher:
     """Publishes one message type on one topic. Thread-safe. Create with :meth:`Bus.publisher`."""
 
-    def __init__(self, bus: "Bus", topic: str, msg_type: type[Message], *, node: str, policy: Policy, latched: bool):
+    def __init__(self, bus: "Bus", topic: str, msg_type: type[Message], *, node: str, policy: Policy, latched: bool,
+                 shm_ring: bool = False):
         self.bus, self.topic, self.msg_type, self.node, self.policy, self.latched = (
             bus, topic, msg_type, node, policy, latched)
         self.id = uuid.uuid4().hex[:16]
@@ -184,6 +203,12 @@ class Publisher:
         self._subscribers = 0
         self._last: Optional[list] = None
         self._topic_b = topic.encode()
+        # Shared-memory blobs: a ring, and how many SUB sockets the graph says may connect, all
+        # of them able to read it (0: some cannot, or none known). Set by the bus IO thread.
+        self._ring: Optional[shm.ShmRing] = (
+            shm.ShmRing(bus.id, self.id, slots=bus.config.shm_slots, min_bytes=bus.config.shm_min_bytes)
+            if shm_ring else None)
+        self._shm_peers = 0
         sock = bus.ctx.socket(zmq.XPUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.XPUB_VERBOSER, 1)  # every subscribe and unsubscribe reaches us
@@ -216,12 +241,17 @@ class Publisher:
             if self._sock is None:
                 raise RuntimeError(f"publisher on {self.topic} is closed")
             self._seq += 1
-            frames = wire.encode(self.topic, msg, src=self.id, seq=self._seq)
             self._drain_subscriptions()
+            # Every connected SUB socket must be one the graph lists as able to read shared memory.
+            ring = self._ring if self._ring is not None and 0 < self._subscribers <= self._shm_peers else None
+            written = ring.written if ring is not None else 0
+            frames = wire.encode(self.topic, msg, src=self.id, seq=self._seq, shm=ring.put if ring else None)
             self._sock.send_multipart(frames, copy=False)
             if self.latched:
                 self._last = frames
             self.bus.stats.published += 1
+            if ring is not None and ring.written != written:
+                self.bus.stats.shm_published += 1
             return self._seq
 
     def service(self) -> None:
@@ -229,6 +259,40 @@ class Publisher:
         with self._lock:
             if self._sock is not None and self._drain_subscriptions() and self._last is not None:
                 self._sock.send_multipart(self._last, copy=False)  # same seq: old subscribers drop it
+
+    def loan(self, shape: tuple[int, ...]):
+        """A writable ``uint8`` numpy array of ``shape`` to fill and publish without a copy.
+
+        While this publisher uses shared memory (:attr:`uses_shm`) the array is a slot of its
+        ring: write the pixels into it (``cv2.cvtColor(raw, code, dst=frame)``, ``np.copyto``,
+        a camera SDK's buffer argument) and publish it, e.g. ``Image.from_array("head", frame)``:
+        it goes out with no copy. Otherwise (or with every slot busy) it is a plain array and
+        is sent as a frame. Do not write to it after publishing (it is made read-only); an array
+        dropped unpublished gives its slot back.
+        """
+        with self._lock:
+            if self._sock is not None and self._ring is not None and 0 < self._subscribers <= self._shm_peers:
+                array = self._ring.loan(tuple(shape))
+                if array is not None:
+                    return array
+        import numpy as np
+
+        return np.empty(shape, dtype=np.uint8)
+
+    @property
+    def uses_shm(self) -> bool:
+        """Whether large blobs published now go through shared memory (section 15 of docs/protocol.md)."""
+        with self._lock:
+            if self._sock is None or self._ring is None or self._ring.failed:
+                return False
+            self._drain_subscriptions()
+            return 0 < self._subscribers <= self._shm_peers
+
+    @property
+    def shm_segment(self) -> Optional[str]:
+        """Path of this publisher's shared-memory segment, once it has one."""
+        name = self._ring.name if self._ring is not None else None
+        return shm.segment_path(name) if name else None
 
     @property
     def subscriber_count(self) -> int:
@@ -253,6 +317,8 @@ class Publisher:
             if self._sock is not None:
                 self._sock.close(linger=0)
                 self._sock = None
+            if self._ring is not None:
+                self._ring.close()
         self.bus._remove_publisher(self)
 
 
@@ -308,6 +374,13 @@ class Bus:
         self.config = config or BusConfig()
         if self.config.discovery_period_s <= 0:
             raise ConfigError("bus.discovery_period_s must be > 0")
+        if not 1 <= self.config.shm_slots <= wire.SHM_MAX_SLOTS:
+            raise ConfigError(f"bus.shm_slots must be 1..{wire.SHM_MAX_SLOTS}, got {self.config.shm_slots}")
+        #: This process reads shared-memory blobs (and says so in its subscriptions' graph entries).
+        self.shm_reads = self.config.shm == "auto" and shm.supported()
+        #: Its latest publishers may send them: only where every peer is on this host.
+        self.shm_writes = self.shm_reads and (self.config.transport == "ipc" or _is_loopback(self.config.host))
+        self._shm_reader = shm.ShmReader(max_blob_bytes=self.config.max_blob_bytes) if self.shm_reads else None
         self.root = graph_root(self.config)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.id = uuid.uuid4().hex[:12]
@@ -356,12 +429,19 @@ class Bus:
         return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
 
     def publisher(self, topic: str, msg_type: type[Message], *, node: str = "", policy: Optional[Policy] = None,
-                  latched: bool = False) -> Publisher:
-        """Create a publisher. ``latched``: new subscribers get the last message (like ROS transient-local)."""
+                  latched: bool = False, shm: Optional[bool] = None) -> Publisher:
+        """Create a publisher. ``latched``: new subscribers get the last message (like ROS transient-local).
+
+        ``shm``: whether large blobs may go through shared memory (only for ``latest``, not latched,
+        message types with blobs). None: per ``bus.shm`` (on for loopback and ipc publishers);
+        False: never; True: also when bound to another address (still only to local peers that read it).
+        """
         _check_topic(topic)
         self._check_open()
-        pub = Publisher(self, topic, msg_type, node=node or self.name, policy=policy or msg_type.default_policy,
-                        latched=latched)
+        policy = policy or msg_type.default_policy
+        ring = (bool(msg_type.blob_fields) and policy == "latest" and not latched and self.shm_reads
+                and (self.shm_writes if shm is None else shm))
+        pub = Publisher(self, topic, msg_type, node=node or self.name, policy=policy, latched=latched, shm_ring=ring)
         with self._lock:
             self._publishers.append(pub)
         self._write_entry()
@@ -406,7 +486,8 @@ class Bus:
                 nodes=list(self._nodes),
                 publishers=[PublisherEntry(topic=p.topic, type=type_name(p.msg_type), endpoint=p.endpoint,
                                            node=p.node, policy=p.policy, id=p.id) for p in self._publishers],
-                subscriptions=[SubscriptionEntry(topic=s.topic, type=s.type_name, node=s.node, policy=s.policy)
+                subscriptions=[SubscriptionEntry(topic=s.topic, type=s.type_name, node=s.node, policy=s.policy,
+                                                 shm=self.shm_reads)
                                for s in self._subs],
                 stamp_ns=time.time_ns(),
             )
@@ -436,6 +517,9 @@ class Bus:
         for entry in graph:
             for p in entry.publishers:
                 by_topic[p.topic].append(p)
+        self._negotiate_shm(graph)
+        if self._shm_reader is not None:
+            self._shm_reader.prune()
         with self._lock:
             types = {(s.topic, s.policy): s.type_name for s in self._subs}
         for key, ts in list(self._sockets.items()):
@@ -459,6 +543,31 @@ class Bus:
             for ep in endpoints - ts.endpoints:
                 ts.sock.connect(ep)
             ts.endpoints = endpoints
+
+    def _negotiate_shm(self, graph: list[GraphEntry]) -> None:
+        """For each shared-memory publisher here: may the graph's subscribers of its topic read it?
+
+        A publisher uses shared memory only while every SUB socket connected to it is one of
+        those counted here (Publisher.publish compares with its XPUB subscriber count), so a
+        subscriber that cannot read it, or that is not in the graph, gets frames.
+        """
+        with self._lock:
+            pubs = [p for p in self._publishers if p._ring is not None]
+        if not pubs:
+            return
+        host = _socket.gethostname()
+        for pub in pubs:
+            want = type_name(pub.msg_type)
+            sockets: set[tuple[str, str]] = set()
+            able = True
+            for entry in graph:
+                for s in entry.subscriptions:
+                    if s.topic != pub.topic or s.type != want:
+                        continue  # another type does not connect (type mismatch)
+                    if not s.shm or entry.host != host:
+                        able = False
+                    sockets.add((entry.bus, s.policy))  # one SUB socket per (process, topic, policy)
+            pub._shm_peers = len(sockets) if able else 0
 
     def _rebuild(self, key: tuple[str, str], old: _TopicSocket) -> _TopicSocket:
         ts = _TopicSocket(self, *key)
@@ -502,14 +611,15 @@ class Bus:
             self._sockets.clear()
 
     def _drain(self, ts: _TopicSocket, budget: int = 256) -> None:
+        batch: list[wire.Received] = []
         for _ in range(budget):
             try:
                 frames = ts.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                break
             try:
                 rec = wire.decode(frames, max_header_bytes=self.config.max_header_bytes,
-                                  max_blob_bytes=self.config.max_blob_bytes)
+                                  max_blob_bytes=self.config.max_blob_bytes, allow_shm=self.shm_reads)
             except wire.ProtocolError as exc:
                 self._protocol_error(ts.topic, str(exc))
                 continue
@@ -519,30 +629,60 @@ class Bus:
                 continue
             if rec.topic != ts.topic:
                 continue  # ZeroMQ filters by prefix; "/cam" also matches "/camera"
-            last = ts.last_seq.get(rec.src)
-            if last is not None and rec.seq <= last:
-                self.stats.duplicates += 1  # a re-send (latched, or a re-delivery): deliver once
+            batch.append(rec)
+        newest: dict[str, int] = {}
+        if ts.policy == "latest":
+            # Shared-memory descriptors are small, so many can queue in the kernel's socket
+            # buffers where frames of pixels could not: read only the newest of each publisher
+            # (the older ones' slots are likely rewritten already: each read would be stale).
+            newest = {rec.src: i for i, rec in enumerate(batch) if rec.shm}
+        for i, rec in enumerate(batch):
+            if rec.shm and newest and newest.get(rec.src, i) != i:
+                self.stats.superseded += 1
                 continue
-            if ts.policy == "reliable":
-                if last is not None:
-                    if rec.seq > last + 1:
-                        missed = rec.seq - last - 1
-                        self.stats.gaps += missed
-                        log.warning("%s: %d message(s) lost from publisher %s (seq %d -> %d)",
-                                    ts.topic, missed, rec.src, last, rec.seq)
-            ts.last_seq[rec.src] = rec.seq
-            self.stats.received += 1
-            with self._lock:
-                subs = [s for s in self._subs if s.topic == ts.topic and s.policy == ts.policy]
-            for sub in subs:
-                if not isinstance(rec.msg, sub.msg_type):
-                    self._protocol_error(ts.topic, f"got {type(rec.msg).__name__}, expected {sub.msg_type.__name__}")
-                    continue
-                try:
-                    sub.deliver(sub, rec)
-                except Exception:  # e.g. BrokenPipeError in `robix topic echo | head`
-                    self.stats.callback_errors += 1
-                    log.exception("delivery to %s on %s failed", sub.node, ts.topic)
+            self._accept(ts, rec)
+
+    def _accept(self, ts: _TopicSocket, rec: wire.Received) -> None:
+        last = ts.last_seq.get(rec.src)
+        if last is not None and rec.seq <= last:
+            self.stats.duplicates += 1  # a re-send (latched, or a re-delivery): deliver once
+            return
+        if rec.shm:
+            try:
+                self._shm_reader.resolve(rec.msg)
+            except shm.StaleBlob as exc:
+                self.stats.shm_stale += 1  # the publisher has moved on: a newer message follows
+                ts.last_seq[rec.src] = rec.seq
+                log.debug("%s: dropped a shared-memory blob: %s", ts.topic, exc)
+                return
+            except wire.ProtocolError as exc:
+                self._protocol_error(ts.topic, str(exc))
+                return
+            except Exception as exc:  # a reader bug must not stop all delivery in this process
+                log.exception("unexpected error reading a shared-memory blob on %s", ts.topic)
+                self._protocol_error(ts.topic, f"{type(exc).__name__}: {exc}")
+                return
+            self.stats.shm_received += 1
+        if ts.policy == "reliable":
+            if last is not None:
+                if rec.seq > last + 1:
+                    missed = rec.seq - last - 1
+                    self.stats.gaps += missed
+                    log.warning("%s: %d message(s) lost from publisher %s (seq %d -> %d)",
+                                ts.topic, missed, rec.src, last, rec.seq)
+        ts.last_seq[rec.src] = rec.seq
+        self.stats.received += 1
+        with self._lock:
+            subs = [s for s in self._subs if s.topic == ts.topic and s.policy == ts.policy]
+        for sub in subs:
+            if not isinstance(rec.msg, sub.msg_type):
+                self._protocol_error(ts.topic, f"got {type(rec.msg).__name__}, expected {sub.msg_type.__name__}")
+                continue
+            try:
+                sub.deliver(sub, rec)
+            except Exception:  # e.g. BrokenPipeError in `robix topic echo | head`
+                self.stats.callback_errors += 1
+                log.exception("delivery to %s on %s failed", sub.node, ts.topic)
 
     def _protocol_error(self, topic: str, detail: str) -> None:
         self.stats.protocol_errors += 1
@@ -567,10 +707,22 @@ class Bus:
             self._file.unlink()
         except FileNotFoundError:
             pass
+        if self._shm_reader is not None and not self._thread.is_alive():
+            self._shm_reader.close()
+        shm.remove_segments(self.id)  # normally none is left: this catches a ring that failed half-way
         if self.config.transport == "ipc":
             for path in self.root.glob(f"{self.id}-*.sock"):
                 path.unlink(missing_ok=True)
         self.ctx.destroy(linger=0)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_topic(topic: str) -> None:

@@ -351,3 +351,28 @@ def test_unpack_message_only_ever_raises_protocol_error(data):
         wire.unpack_message(data)
     except wire.ProtocolError:
         pass
+
+
+shm_descriptors = st.fixed_dictionaries(
+    {},
+    optional={"shm": st.sampled_from(["robix-a-b-1", "../etc/passwd", "robix-", "x" * 300, "robix-ok"]) | msgpack_values,
+              "slot": st.integers(-5, 300) | msgpack_values, "offset": st.integers(-1, 2**64 - 1) | msgpack_values,
+              "size": st.integers(-1, 2**64 - 1) | msgpack_values, "gen": st.integers(-1, 2**64 - 1) | msgpack_values},
+)
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(shm_descriptors, st.lists(st.binary(max_size=8), max_size=2))
+def test_decode_of_shared_memory_descriptors_only_ever_raises_protocol_error(descriptor, extra_frames):
+    """A receiver that reads shared memory validates every descriptor field before anything is mapped."""
+    img = {"type": "image", "camera": "head", "width": 4, "height": 2, "encoding": "jpeg", "stamp_ns": 1,
+           "data": descriptor}
+    try:
+        rec = wire.decode([b"/camera/head", envelope(img)] + extra_frames, allow_shm=True)
+    except wire.ProtocolError:
+        return
+    assert rec.shm and not extra_frames
+    ref = rec.msg.data
+    assert isinstance(ref, wire.ShmBlob) and ref.shm.startswith("robix-") and "/" not in ref.shm
+    assert 0 <= ref.slot < wire.SHM_MAX_SLOTS and ref.gen >= 1
+    assert 0 <= ref.offset and 0 <= ref.size <= wire.DEFAULT_MAX_BLOB_BYTES
