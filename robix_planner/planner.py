@@ -158,7 +158,8 @@ def normalize_phrase(text: str) -> str:
 
 
 def image_part(img: Image) -> ImagePart:
-    """A camera frame as an RGB :class:`ImagePart` (rgb8 without a copy; bgr8 and JPEG converted)."""
+    """A camera frame as an RGB :class:`ImagePart` of its own (a copy: memory keeps it for many
+    steps, and an rgb8 frame may be a view of a shared-memory slot the publisher reuses)."""
     import numpy as np
 
     if img.encoding is ImageEncoding.JPEG:
@@ -170,8 +171,8 @@ def image_part(img: Image) -> ImagePart:
             return ImagePart(np.asarray(pil.convert("RGB")), camera=img.camera)
     pixels = img.array()
     if img.encoding is ImageEncoding.BGR8:
-        pixels = np.ascontiguousarray(pixels[..., ::-1])
-    return ImagePart(pixels, camera=img.camera)
+        return ImagePart(np.ascontiguousarray(pixels[..., ::-1]), camera=img.camera)
+    return ImagePart(np.array(pixels, copy=True), camera=img.camera)
 
 
 @dataclass
