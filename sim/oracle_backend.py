@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     params = convert(OraclePlannerSim.Params, {
         "sim": {"time_scale": args.time_scale, "autostart": False, "exit_when_done": False, "transcript": False},
         "planner": {"model": {"chunk_delay_s": args.chunk_delay_s},
-                    "planner": {"start_delay_s": 0.1, "halt_delay_ms": args.halt_delay_ms}}})
+                    "planner": {"start_delay_s": 0.3, "halt_delay_ms": args.halt_delay_ms}}})
     graph = tempfile.TemporaryDirectory(prefix="robix-oracle-")
     bus = BusConfig(graph_dir=graph.name, domain=f"o{os.getpid()}-{uuid.uuid4().hex[:6]}", discovery_period_s=0.02)
     sim = OraclePlannerSim(params, bus_config=bus, name="eval")
