@@ -459,6 +459,8 @@ def status_lines(step: StepInput) -> list[str]:
     lines = []
     for o in step.outcomes:
         detail = one_line(o.detail).rstrip(".")
+        if detail == one_line(o.command).rstrip("."):  # a controller echoing the command says nothing new
+            detail = ""
         lines.append(f"Command '{one_line(o.command)}' {_OUTCOME_VERB[o.state]}" + (f": {detail}." if detail else "."))
     if step.running is not None:
         phase = one_line(step.phase)
