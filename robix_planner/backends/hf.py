@@ -574,6 +574,7 @@ def _forward_params(model) -> set:
 
 
 def _load_processor(path: Path):
+    import robix_planner.models  # noqa: F401 - registers robix-tiny with the Auto classes
     from transformers import AutoProcessor
 
     try:
