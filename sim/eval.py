@@ -20,6 +20,12 @@ behaviour checks (passed/applicable: interrupt honoured, asked when ambiguous, r
 invalid), mean pointless repeats, decisions and simulated seconds per episode. ``--json``
 writes the table and every episode's record, for later comparison. Simulated time runs
 ``--time-scale`` times faster than the wall clock in bus mode.
+
+``robix eval offline``: Robix's offline protocol, teacher-forced (see :func:`run_offline`)::
+
+    robix eval offline model.backend=hf model.path=checkpoints/robix-tiny      # the test split
+    robix eval offline --config launch/planner.yaml --category interrupted --limit 2 --json off.json
+    robix eval offline --reference                                             # the oracle's own answers
 """
 
 from __future__ import annotations
@@ -242,8 +248,287 @@ def _online(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- offline
+
+#: Robix-32B-RL's published offline numbers (docs/training_data.md, ROBIX_FACTS), by the
+#: category of ours each maps to: (the paper's column, value in %).
+ROBIX_32B_RL = {"multi_stage": ("multi-stage", 96.6), "constrained": ("constrained", 96.0),
+                "interrupted": ("interrupt", 92.5), "open_ended": ("open-ended", 93.3)}
+ROBIX_32B_RL_F1 = {"refusal": ("invalid F1", 100.0), "replan": ("replan F1", 96.2)}
+#: Our categories the paper scores by F1 rather than accuracy.
+_F1_CATEGORIES = ("invalid", "failure_retry")
+#: Stored in a StepScore's output (characters): enough to see what went wrong.
+_MAX_OUTPUT_CHARS = 2000
+
+
+class StepScore(msgspec.Struct, kw_only=True):
+    """One teacher-forced step: what the model wrote and how it scored (JSON-ready).
+
+    ``plan``: the model's plan normalised through the scene's grammar ("" = no command; None
+    when the output did not parse or the plan is outside the grammar). ``refusal``: [gold,
+    predicted]; ``replan``: [gold, predicted] on steps that follow a command that succeeded
+    or failed, else None (see docs/training_data.md for the F1 definitions).
+    """
+
+    scenario_id: str
+    category: str
+    kind: str
+    step: int
+    acceptable: list[str]
+    output: str
+    plan: Optional[str] = None
+    correct: bool = False
+    parse_error: Optional[str] = None
+    invalid_plan: Optional[str] = None
+    backend_error: Optional[str] = None
+    refusal: list[bool] = []
+    replan: Optional[list[bool]] = None
+    replan_ok: bool = False
+
+
+class OfflineSummary(msgspec.Struct, kw_only=True):
+    steps: int
+    correct: int
+    accuracy: float
+    parse_failures: int
+    parse_failure_rate: float
+    invalid_plans: int
+    backend_errors: int
+
+
+class BinaryF1(msgspec.Struct, kw_only=True):
+    tp: int
+    fp: int
+    fn: int
+    #: None when there is nothing to score (no gold and no predicted positives).
+    f1: Optional[float]
+
+
+def score_output(text: str, *, acceptable: Sequence[str], kind: str, capabilities, step_input,
+                 scenario_id: str = "", category: str = "", step: int = 0) -> StepScore:
+    """Score one model output for a step (its acceptable plans, kind, grammar and input)."""
+    from robix_planner import format as fmt
+    from robix_planner import skills
+    from sim.spec import is_question, is_refusal
+
+    sc = StepScore(scenario_id=scenario_id, category=category, kind=kind, step=step, acceptable=list(acceptable),
+                   output=text[:_MAX_OUTPUT_CHARS])
+    out = None
+    try:
+        out = fmt.parse(text)
+    except fmt.FormatError as exc:
+        sc.parse_error = str(exc)
+    parsed = None
+    if out is not None:
+        if out.plan is None:
+            sc.plan = ""
+        else:
+            try:
+                parsed = skills.parse(out.plan, capabilities)
+                sc.plan = parsed.text
+            except skills.GrammarError as exc:
+                sc.invalid_plan = str(exc)
+    sc.correct = sc.plan is not None and sc.plan in acceptable
+    reply = (out.reply or "") if out is not None else ""
+    sc.refusal = [kind == "refuse", sc.plan == "" and bool(reply) and is_refusal(reply)]
+    motion = [o for o in step_input.outcomes if o.command != "stop"]
+    if motion and motion[-1].state in ("succeeded", "failed"):
+        try:
+            obj = skills.parse(motion[-1].command, capabilities).args.get("object")
+        except skills.GrammarError:
+            obj = None
+        again = (parsed is not None and parsed.skill in (skills.PUT_INTO.name, skills.PICK_UP.name)
+                 and parsed.args.get("object") == obj)
+        asks = sc.plan == "" and bool(obj) and is_question(reply) and obj in reply
+        sc.replan = [motion[-1].state == "failed", bool(obj) and (again or asks)]
+        sc.replan_ok = sc.replan[1] and sc.correct
+    return sc
+
+
+def _f1(tp: int, fp: int, fn: int) -> BinaryF1:
+    return BinaryF1(tp=tp, fp=fp, fn=fn, f1=None if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
+
+
+def summarize_offline(scores: list[StepScore]) -> dict:
+    """Per category (and "all"), per kind, and the refusal and replan F1 (see docs/training_data.md)."""
+    def summary(group: list[StepScore]) -> OfflineSummary:
+        n = len(group)
+        parse = sum(s.parse_error is not None for s in group)
+        correct = sum(s.correct for s in group)
+        return OfflineSummary(steps=n, correct=correct, accuracy=correct / n if n else 0.0, parse_failures=parse,
+                              parse_failure_rate=parse / n if n else 0.0,
+                              invalid_plans=sum(s.invalid_plan is not None for s in group),
+                              backend_errors=sum(s.backend_error is not None for s in group))
+
+    cats: dict[str, list[StepScore]] = {}
+    kinds: dict[str, list[StepScore]] = {}
+    for s in scores:
+        cats.setdefault(s.category, []).append(s)
+        kinds.setdefault(s.kind, []).append(s)
+    if scores:
+        cats["all"] = list(scores)
+    ref = [s.refusal for s in scores]
+    rep = [(s.replan, s.replan_ok) for s in scores if s.replan is not None]
+    return {
+        "categories": {c: summary(g) for c, g in cats.items()},
+        "kinds": {k: summary(g) for k, g in kinds.items()},
+        "refusal": _f1(sum(g and p for g, p in ref), sum(p and not g for g, p in ref),
+                       sum(g and not p for g, p in ref)),
+        "replan": _f1(sum(r[0] and ok for r, ok in rep), sum(r[1] and not r[0] for r, _ in rep),
+                      sum(r[0] and not ok for r, ok in rep)),
+    }
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def format_offline(summary: dict) -> str:
+    """The offline table per category beside Robix-32B-RL, the F1 lines and the per-kind accuracy."""
+    head = ("category", "steps", "accuracy %", "parse fail %", "invalid plan", "Robix-32B-RL %")
+    rows = [head]
+    for cat, s in summary["categories"].items():
+        paper = ROBIX_32B_RL.get(cat)
+        rows.append((cat, str(s.steps), _pct(s.accuracy), _pct(s.parse_failure_rate), str(s.invalid_plans),
+                     f"{paper[1]:.1f} ({paper[0]})" if paper else "-"))
+    for key, label in (("refusal", "invalid-instruction refusal F1"), ("replan", "failure replan F1")):
+        f = summary[key]
+        paper = ROBIX_32B_RL_F1[key]
+        rows.append((label, f"{f.tp}/{f.fp}/{f.fn}", _pct(f.f1), "", "", f"{paper[1]:.1f} ({paper[0]})"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    rule = "  ".join("-" * w for w in widths)
+    lines = []
+    for i, r in enumerate(rows):
+        if r[0] in ("all", "invalid-instruction refusal F1"):
+            lines.append(rule)
+        lines.append("  ".join(c.ljust(w) if j in (0, 5) else c.rjust(w)
+                               for j, (c, w) in enumerate(zip(r, widths))).rstrip())
+        if i == 0:
+            lines.append(rule)
+    others = [c for c in summary["categories"] if c not in ROBIX_32B_RL and c not in ("all", *_F1_CATEGORIES)]
+    lines.append("F1 rows: the steps column is TP/FP/FN. The paper scores invalid and failure_retry by these F1; "
+                 f"no counterpart in its table: {', '.join(others) or '-'}.")
+    kinds = "  ".join(f"{k} {_pct(s.accuracy)}% ({s.steps})" for k, s in summary["kinds"].items())
+    lines.append(f"accuracy per step kind: {kinds}")
+    return "\n".join(lines)
+
+
+def offline_steps(split: str = "test", categories: Optional[Sequence[str]] = None, limit: Optional[int] = None,
+                  data: Optional[str] = None, seed: int = 0, progress: bool = True):
+    """The steps to score: per-step rows of the model's steps (``training.data.episodes``).
+
+    Synthesised from ``split`` (the oracle's episodes: the same as ``robix data sft``), or read
+    from ``data`` (a directory written by ``robix data sft`` or ``robix data rl``); ``categories``
+    and ``limit`` (episodes per category) select.
+    """
+    from training.data.episodes import build_sft, explode_steps
+
+    if data is None:
+        sft = build_sft(split, seed, categories=categories, limit=limit, progress=progress)
+        return explode_steps(sft, model_steps_only=True, progress=progress)
+    from datasets import load_from_disk
+
+    ds = load_from_disk(data)
+    keep_ids: dict[str, list[str]] = {}
+    for sid, cat in zip(ds["scenario_id"], ds["category"]):
+        ids = keep_ids.setdefault(cat, [])
+        if sid not in ids and (not categories or cat in categories) and (limit is None or len(ids) < limit):
+            ids.append(sid)
+    wanted = {i for ids in keep_ids.values() for i in ids}
+    ds = ds.filter(lambda sid: sid in wanted, input_columns="scenario_id")
+    if "messages" in ds.column_names:
+        return explode_steps(ds, model_steps_only=True, progress=progress)
+    return ds.filter(lambda k: k != "stop_phrase", input_columns="kind")
+
+
+def run_offline(steps, backend, progress: bool = True) -> list[StepScore]:
+    """Teacher-forced offline evaluation (Robix's protocol) of ``backend`` on per-step rows.
+
+    For each step the prompt is the recorded history up to that step, exactly the run-time
+    prompt (:func:`training.data.episodes.to_prompt` of the row); the backend's whole output
+    is parsed with :func:`robix_planner.format.parse`; the step counts if its plan,
+    normalised in the scene's grammar, is in the step's ``acceptable`` list.
+    """
+    import threading
+
+    from tqdm import tqdm
+
+    from robix_planner import format as fmt
+    from robix_planner.backends.base import BackendError
+    from training.data.episodes import capabilities_of, to_prompt
+
+    scores = []
+    for row in tqdm(steps, desc="offline steps", unit="step", file=sys.stderr, disable=None if progress else True,
+                    leave=False):
+        if row["kind"] == "stop_phrase":
+            continue
+        prompt = to_prompt(row["prompt"], row["images"])
+        error = None
+        try:
+            text = "".join(backend.generate(prompt, cancel=threading.Event()))
+        except BackendError as exc:
+            text, error = "", str(exc) or type(exc).__name__
+        sc = score_output(text, acceptable=row["acceptable"], kind=row["kind"], capabilities=capabilities_of(row),
+                          step_input=fmt.last_user_turn(prompt), scenario_id=row["scenario_id"],
+                          category=row["category"], step=row["step"])
+        sc.backend_error = error
+        scores.append(sc)
+    return scores
+
+
+def _offline(args: argparse.Namespace) -> int:
+    from robix_planner.backends import load_backend
+    from robix_planner.config import ConfigError
+    from robix_planner.planner import load_config
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    try:
+        steps = offline_steps(args.split, args.category, args.limit, args.data, args.seed)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}; categories: see docs/sim.md") from None
+    except FileNotFoundError as exc:
+        raise ConfigError(f"--data {args.data}: {exc}") from None
+    if len(steps) == 0:
+        raise ConfigError(f"no steps to score for split {args.split!r} and categories {args.category}")
+    if args.reference:
+        if args.overrides or args.config:
+            raise ConfigError("--reference answers with the recorded outputs; leave out --config and overrides")
+        from robix_planner.backends.base import ModelConfig
+
+        outputs = tuple(r["completion"][0]["content"][0]["text"] for r in steps if r["kind"] != "stop_phrase")
+        model = ModelConfig(backend="scripted", outputs=outputs)
+        what = "the reference (the oracle's recorded answers)"
+    else:
+        model = load_config(args.config, args.overrides)[0].model
+        what = f"backend {model.backend}" + (f" ({model.path})" if model.path else "")
+    backend = load_backend(model)
+    t0 = time.monotonic()
+    try:
+        scores = run_offline(steps, backend)
+    finally:
+        backend.close()
+    wall_s = time.monotonic() - t0
+    summary = summarize_offline(scores)
+    episodes = len({s.scenario_id for s in scores})
+    print(f"robix eval offline: {what}, split {args.split}, {episodes} episodes, {len(scores)} steps "
+          f"teacher-forced, {wall_s:.1f} s")
+    print(format_offline(summary))
+    if args.json:
+        out = {"meta": {"model": msgspec.to_builtins(model) if not args.reference else "reference",
+                        "split": args.split, "data": args.data, "categories": args.category, "limit": args.limit,
+                        "seed": args.seed, "episodes": episodes, "steps": len(scores), "wall_s": round(wall_s, 3),
+                        "robix_32b_rl": {**{k: list(v) for k, v in ROBIX_32B_RL.items()},
+                                         **{k: list(v) for k, v in ROBIX_32B_RL_F1.items()}}},
+               "summary": summary, "steps": scores}
+        with open(args.json, "wb") as f:
+            f.write(msgspec.json.format(msgspec.json.encode(out), indent=2) + b"\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def register(sub) -> None:
-    """Add ``robix eval`` (entry point ``robix.commands``: ``eval = "sim.eval:register"``)."""
+    """Add ``robix eval online|offline`` (entry point ``robix.commands``: ``eval = "sim.eval:register"``)."""
     p = sub.add_parser("eval", help="score a planner on the simulated scenarios", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=lambda _a: (p.print_help(), 2)[1])
@@ -263,3 +548,18 @@ def register(sub) -> None:
                    help="how long to wait for the planner to join the bus (default 30)")
     o.add_argument("--json", metavar="OUT.json", help="write the summary and every episode's record")
     o.set_defaults(func=_online)
+    f = ev.add_parser("offline", help="teacher-forced steps of the test split through a model backend (Robix's "
+                      "offline protocol): accuracy per category, refusal and replan F1, parse failures",
+                      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    f.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="model config overrides, as for robix plan: model.backend=hf model.path=DIR")
+    f.add_argument("--config", help="planner YAML (its model section is used), as for robix plan")
+    f.add_argument("--reference", action="store_true",
+                   help="answer with the oracle's recorded outputs (a check of the pipeline: scores 100%%)")
+    f.add_argument("--split", choices=("train", "validation", "test"), default="test")
+    f.add_argument("--data", metavar="DIR", help="score a dataset written by robix data sft|rl instead of synthesising")
+    f.add_argument("--category", action="append", metavar="C", help="only this category (repeatable)")
+    f.add_argument("--limit", type=int, metavar="N", help="at most N episodes per category")
+    f.add_argument("--seed", type=int, default=0, help="paraphrase seed of the synthesised history (default 0)")
+    f.add_argument("--json", metavar="OUT.json", help="write the summary and every step's score")
+    f.set_defaults(func=_offline)

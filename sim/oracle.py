@@ -233,6 +233,7 @@ class OraclePlanner:
             self.goals[obj] = rec
             self.awaiting = None
             self.task_active = True
+            self.task = self.task or f"put the {obj} into the {rec}"
             self._thought.append(f"{said}: they mean the {obj}.")
             self._reply.append(f"Got it, the {obj}.")
             return True
