@@ -314,7 +314,9 @@ class StreamParser:
         stray = self._stray.strip()
         if not stray:
             return
-        shown = stray[:_MAX_STRAY] + ("…" if len(stray) > _MAX_STRAY else "")
+        # At _MAX_STRAY characters the stream stops at once, however the text was split, so the
+        # message shows those characters and "…" whether or not more text followed.
+        shown = stray[:_MAX_STRAY] + ("…" if len(stray) >= _MAX_STRAY else "")
         if not self._done:
             where = f"before {before}" if before else "with no tags"
             raise FormatError(f"text outside tags ({where}): {shown!r}; the output must start with <|think_start|>")
