@@ -166,3 +166,13 @@ def test_config_errors_are_not_validation_errors():
     with pytest.raises(ConfigError) as info:
         load(World, overrides=["seed=abc"])
     assert not isinstance(info.value, msgspec.ValidationError)
+
+
+def test_exponent_floats_read_as_numbers(tmp_path):
+    """`lr: 2e-4` in a file or `train.lr=2e-4` on the command line is a float (PyYAML alone reads a string)."""
+    from robix_planner.config import parse_override, read_yaml
+
+    p = tmp_path / "c.yaml"
+    p.write_text("lr: 2e-4\nwarmup: 1.0e-1\nname: x1e5\nsteps: 10\n")
+    assert read_yaml(p) == {"lr": 2e-4, "warmup": 0.1, "name": "x1e5", "steps": 10}
+    assert parse_override("train.lr=3e-5") == (["train", "lr"], 3e-5)
