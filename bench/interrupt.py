@@ -1,6 +1,6 @@
 """Interruption benchmark: utterance -> halt, utterance -> generation stopped, decision latency vs history.
 
-    python bench/interrupt.py            # about 2 minutes on 2 cores
+    python bench/interrupt.py            # about 3 minutes on 2 cores
     python bench/interrupt.py --quick    # a smoke run (about 20 s)
 
 Three tables, each with its baseline measured in the same run.
@@ -27,7 +27,8 @@ robot acts); the hf model's random text is shown to the planner as a thought (in
 ``<|think_start|>`` with ``<`` escaped) so that the planner lets it run, as it would a trained
 model's. Baseline, ``bus floor``: a relay node in the planner's place that turns each utterance
 into a ``stop`` at once (the same two hops, no planner). The memory is reset
-(``SessionStart``) every 10 trials, so the history stays at a realistic 0-20 steps.
+(``SessionStart``) every 10 trials, so the history stays at a realistic 0-20 steps; the
+planner's ``memory.max_images`` is ``--max-images`` (default 64, as robix-tiny runs).
 
 **2. Utterance -> generation stopped.** In the scenarios where the model generates, the time from
 the utterance to the moment the backend's ``generate()`` stream has ended (the planner cancels
@@ -35,21 +36,27 @@ the generation; the stream is closed), against one decoding step of that backend
 the same run (scripted: its chunk delay; hf: decode ms / token of the same generations, as the
 planner drives them). hf trials wait at random for the first decoded token or only for the
 generation to start, so some utterances land before the first token (preprocessing and
-prefill): those are reported on their own.
+prefill): those are reported on their own. Each latency is also split in two: the utterance
+until the planner sets the generation's cancel event (the delivery over the bus and the
+planner's own handling; ``threading.Event.set`` is stamped in the planner process for this),
+and from there until the stream has ended (the backend's reaction).
 
 **3. Decision latency vs history.** One process, the ``hf`` backend on a tiny Qwen2.5-VL built
-from config (``tests/helpers_tiny_vlm.py``; by default 256 wide, 4 layers, with a BPE tokenizer
-trained on the planner's own text so that it needs ~3.7 characters per token like a real one,
-and 54 image tokens per 160x120 frame; ``--test-model`` uses the tests' 64-wide model, tokenizer
-and images of at most 9 tokens unchanged). A bench episode (clearing a 15-object table: each step
-a new 160x120 frame, the last command's outcome, a ~60-token thought, one command) is fed
-through the real :class:`~robix_planner.memory.Memory` (default config: 4 images, dropped 2 at
-a time) and :func:`robix_planner.format.build_prompt`. The decision at history length h (h past
-steps in the memory) is timed as ``Memory.prompt`` + ``generate()`` decoding ``--new-tokens``
-tokens (end-of-sequence ignored so every step decodes the same number), with ``prefix_cache``
-true (right after the decision at h-1 on the same backend, as in a session) and false; the
-median of ``--repeats`` interleaved rounds. With the default memory the image horizon moves at
-every even step from 4 on (h = 10 and 30 are such steps; 11 and 31 are append-only steps).
+from config (``tests/helpers_tiny_vlm.py``; by default robix-tiny's width: 256 wide, 4 layers,
+4 attention heads and 2 key/value heads, with a BPE tokenizer trained on the planner's own text
+so that it needs ~3.7 characters per token like a real one, and 54 image tokens per 160x120
+frame; ``--test-model`` uses the tests' 64-wide model, tokenizer and images of at most 9 tokens
+unchanged). The table states the model's size. A bench episode (clearing a 15-object table:
+each step a new 160x120 frame, the last command's outcome, a ~60-token thought, one command) is
+fed through the real :class:`~robix_planner.memory.Memory` with ``max_images`` =
+``--max-images`` (default 64: no image is ever dropped, the prompt only grows, as with
+robix-tiny) and :func:`robix_planner.format.build_prompt`. The decision at history length h (h
+past steps in the memory) is timed as ``Memory.prompt`` + ``generate()`` decoding
+``--new-tokens`` tokens (end-of-sequence ignored so every step decodes the same number), with
+``prefix_cache`` true (right after the decision at h-1 on the same backend, as in a session)
+and false; the median of ``--repeats`` interleaved rounds. Every attention call of the model is
+timed too (the hf backend's CPU attention function is wrapped), to show what grows with the
+context.
 """
 
 from __future__ import annotations
@@ -189,7 +196,8 @@ class BenchModel(Backend):
     """The model behind the planner in table 1: answers the request and the change of mind at once,
     and is busy (or idle) on every other decision, recording when each generation ran."""
 
-    def __init__(self, busy: str, *, chunk_delay_s: float = 0.03, model_path: Optional[str] = None):
+    def __init__(self, busy: str, *, chunk_delay_s: float = 0.03, model_path: Optional[str] = None,
+                 prefill_chunk: Optional[int] = None):
         super().__init__(ModelConfig())
         from robix_planner.backends.scripted import ScriptedBackend
 
@@ -201,7 +209,8 @@ class BenchModel(Backend):
         elif busy == "hf":
             from robix_planner.backends import load_backend
 
-            self.hf = load_backend(ModelConfig(backend="hf", path=model_path, max_new_tokens=HF_THINK_TOKENS))
+            chunk = {"prefill_chunk_tokens": prefill_chunk} if prefill_chunk else {}
+            self.hf = load_backend(ModelConfig(backend="hf", path=model_path, max_new_tokens=HF_THINK_TOKENS, **chunk))
             _decode_to_length(self.hf)
         self.records: list[dict] = []
         self._cv = threading.Condition()
@@ -262,7 +271,8 @@ class BenchModel(Backend):
             rec["end"] = _now()
             stats = inner.last_stats
             self.last_stats = stats
-            rec.update(cancelled=cancel.is_set(), new_tokens=stats.new_tokens, decode_ms=stats.decode_ms,
+            rec.update(cancelled=cancel.is_set(), cancel_set=getattr(cancel, "_bench_set_ns", None),
+                       new_tokens=stats.new_tokens, decode_ms=stats.decode_ms,
                        prefill_ms=stats.prefill_ms, stop=stats.extra.get("stop"))
             with self._cv:
                 self._cv.notify_all()
@@ -305,6 +315,7 @@ def _planner_proc(conn, graph_dir: str, scenario: dict) -> None:
     from robix_planner.node import Node, new_id
 
     bus_config = BusConfig(graph_dir=graph_dir, domain=DOMAIN)
+    _stamp_event_set()
     if scenario.get("switch_interval_ms"):
         sys.setswitchinterval(scenario["switch_interval_ms"] / 1000.0)
     backend = None
@@ -319,14 +330,14 @@ def _planner_proc(conn, graph_dir: str, scenario: dict) -> None:
 
             torch.set_num_threads(1)
             _quiet_transformers()
+        from robix_planner.memory import MemoryConfig
         from robix_planner.planner import PlannerConfig, PlannerNode, PlannerSettings
 
         backend = BenchModel(scenario["busy"], chunk_delay_s=scenario["chunk_delay_s"],
-                             model_path=scenario.get("model_path"))
-        if backend.hf is not None and scenario.get("prefill_chunk"):
-            backend.hf.prefill_chunk_tokens = scenario["prefill_chunk"]
+                             model_path=scenario.get("model_path"), prefill_chunk=scenario.get("prefill_chunk"))
         check = CHECK_PERIOD_S if scenario["busy"] != "idle" else 0.0
-        params = PlannerConfig(planner=PlannerSettings(start_delay_s=0.05, check_period_s=check))
+        params = PlannerConfig(memory=MemoryConfig(max_images=scenario["max_images"]),
+                               planner=PlannerSettings(start_delay_s=0.05, check_period_s=check))
         node = PlannerNode(params, backend=backend, bus_config=bus_config)
     node.start()
     conn.send("ready")
@@ -346,6 +357,23 @@ def _planner_proc(conn, graph_dir: str, scenario: dict) -> None:
                 break
     finally:
         node.shutdown()
+
+
+def _stamp_event_set() -> None:
+    """Stamp (monotonic ns) the first ``set()`` of every ``threading.Event`` in this process.
+
+    Instrumentation for table 2 only: it tells when the planner set a generation's cancel event,
+    which splits "utterance -> generation stopped" into the delivery to the planner and the
+    backend's reaction.
+    """
+    original = threading.Event.set
+
+    def set_and_stamp(self):
+        if getattr(self, "_bench_set_ns", None) is None:
+            self._bench_set_ns = _now()
+        original(self)
+
+    threading.Event.set = set_and_stamp
 
 
 def _quiet_transformers() -> None:
@@ -531,6 +559,9 @@ def run_scenario(user: User, controller_conn, graph_dir: str, scenario: dict, tr
             r["gen_stop_ms"] = _ms(gen["end"] - r["t0"])
             r["phase"] = "decode" if gen["first"] is not None and gen["first"] <= r["t0"] else "prefill"
             r["gen_cancelled"] = gen["cancelled"]
+            if gen.get("cancel_set") is not None and gen["cancel_set"] >= r["t0"]:
+                r["set_ms"] = _ms(gen["cancel_set"] - r["t0"])  # utterance -> the planner set cancel
+                r["react_ms"] = _ms(gen["end"] - gen["cancel_set"])  # cancel set -> the stream ended
             if scenario["busy"] == "scripted":
                 r["own_step_ms"] = scenario["chunk_delay_s"] * 1e3
             elif gen.get("new_tokens", 0) >= 3:
@@ -604,7 +635,7 @@ def planner_tokenizer():
                                    chat_template=tiny.CHAT_TEMPLATE)
 
 
-def build_model(path: Path, *, hidden: int, layers: int, test_model: bool) -> Path:
+def build_model(path: Path, *, hidden: int, layers: int, heads: Optional[int], test_model: bool) -> Path:
     """The tiny Qwen2.5-VL of table 3, through the tests' builder (see the module docstring)."""
     sys.path.insert(0, str(ROOT / "tests"))
     import helpers_tiny_vlm as tiny
@@ -614,7 +645,7 @@ def build_model(path: Path, *, hidden: int, layers: int, test_model: bool) -> Pa
     saved = tiny.build_tokenizer, tiny.MAX_PIXELS
     tiny.build_tokenizer, tiny.MAX_PIXELS = planner_tokenizer, IMAGE_MAX_PIXELS
     try:
-        return tiny.build_tiny_qwen_vl(path, hidden_size=hidden, num_layers=layers)
+        return tiny.build_tiny_qwen_vl(path, hidden_size=hidden, num_layers=layers, num_heads=heads)
     finally:
         tiny.build_tokenizer, tiny.MAX_PIXELS = saved
 
@@ -658,13 +689,14 @@ def _decisions_proc(conn, model_dir: str, spec: dict) -> None:
     from robix_planner.memory import Memory, MemoryConfig
 
     t_build = time.perf_counter()
-    path = build_model(Path(model_dir), hidden=spec["hidden"], layers=spec["layers"], test_model=spec["test_model"])
+    path = build_model(Path(model_dir), hidden=spec["hidden"], layers=spec["layers"], heads=spec["heads"],
+                       test_model=spec["test_model"])
     build_s = time.perf_counter() - t_build
     conn.send(("built", str(path), build_s))
     if not spec["lengths"]:
         return
     caps = capabilities()
-    memory = Memory(MemoryConfig())
+    memory = Memory(MemoryConfig(max_images=spec["max_images"]))
     prompts, build_ms, horizon = [], [], []
     for step, out in episode(max(spec["lengths"]) + 1):
         t = time.perf_counter()
@@ -674,20 +706,29 @@ def _decisions_proc(conn, model_dir: str, spec: dict) -> None:
         memory.append(step, out)
     backends = {}
     for reuse in (True, False):
+        # nice=0: the measuring thread keeps its priority, so a stray process of another user slows all
+        # rounds alike (the default nice=10 changes nothing on an idle machine; table 1 runs with it).
         backends[reuse] = load_backend(ModelConfig(backend="hf", path=str(path), max_new_tokens=spec["new_tokens"],
-                                                   prefix_cache=reuse))
+                                                   prefix_cache=reuse, nice=0))
         _decode_to_length(backends[reuse])
+    attention = _time_attention()
+    model = backends[True].model
+    size = {"params": sum(p.numel() for p in model.parameters()),
+            "text_params": sum(p.numel() for p in model.model.language_model.parameters()),
+            "bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
     never = threading.Event()
 
     def decide(reuse: bool, h: int) -> dict:
         b = backends[reuse]
+        attention["ms"] = 0.0
         t = time.perf_counter()
         for _ in b.generate(prompts[h], cancel=never):
             pass
         s = b.last_stats
         return {"ms": (time.perf_counter() - t) * 1e3 + build_ms[h], "build": build_ms[h],
                 "process": s.extra.get("process_ms", 0.0), "prefill": s.prefill_ms, "decode": s.decode_ms,
-                "new_tokens": s.new_tokens, "prompt_tokens": s.prompt_tokens, "cached": s.cached_tokens}
+                "new_tokens": s.new_tokens, "prompt_tokens": s.prompt_tokens, "cached": s.cached_tokens,
+                "attention": attention["ms"], "encoding": s.extra.get("encoding")}
 
     decide(True, 0)  # warm-up: first calls of the processor and the model
     decide(False, 0)
@@ -703,7 +744,29 @@ def _decisions_proc(conn, model_dir: str, spec: dict) -> None:
         print(f"  decisions: round {r + 1}/{spec['repeats']} done", file=sys.stderr, flush=True)
     parts = {h: {k: statistics.median(x[k] for x in ps) for k in ps[0]} for h, ps in parts.items()}
     moved = {h: h > 0 and horizon[h] != horizon[h - 1] for h in spec["lengths"]}
-    conn.send(("decisions", rows, parts, moved))
+    conn.send(("decisions", rows, parts, moved, size))
+
+
+def _time_attention() -> dict:
+    """Time every attention call of the hf backend's CPU attention (prefill and decode; vision included)."""
+    from transformers import AttentionInterface
+
+    from robix_planner.backends import hf
+
+    if not hasattr(hf, "_cpu_attention") or not hasattr(hf, "_CPU_ATTENTION"):
+        raise RuntimeError("the hf backend no longer has _cpu_attention; update bench/interrupt.py")
+    acc = {"ms": 0.0}
+    inner = hf._cpu_attention
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            acc["ms"] += (time.perf_counter() - t) * 1e3
+
+    AttentionInterface.register(hf._CPU_ATTENTION, timed)
+    return acc
 
 
 # --------------------------------------------------------------------------- tables
@@ -744,8 +807,9 @@ def print_halt_table(results: dict[str, dict]) -> None:
 
 def print_cancel_table(results: dict[str, dict]) -> None:
     print("| model | utterance landed in | cancelled generations | p50 ms | p99 ms | one decoding step ms "
-          "| p50 in steps | p99 in steps | target <= 1 step |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+          "| p50 in steps | p99 in steps | target <= 1 step | utterance -> planner sets cancel: p50 / p99 ms "
+          "| cancel set -> stream ended: p50 / p99 ms | the same in steps: p50 / p99 |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
     for key, res in results.items():
         if res["scenario"]["busy"] not in ("scripted", "hf"):
             continue
@@ -760,16 +824,21 @@ def print_cancel_table(results: dict[str, dict]) -> None:
             steps = [r.get("own_step_ms", median_step) if phase == "decode" else median_step for r in rows]
             ratios = [v / st for v, st in zip(vals, steps)]
             r50, r99 = _pct(ratios, 50), _pct(ratios, 99)
+            split = [(r["set_ms"], r["react_ms"], st) for r, st in zip(rows, steps) if "set_ms" in r]
+            sets, reacts = [x[0] for x in split], [x[1] for x in split]
+            react_steps = [x[1] / x[2] for x in split]
             where = ("decoding" if phase == "decode"
                      else f"before the first token (prefill median {_f(res['prefill_ms'], 0)} ms)")
             verdict = "met" if r99 <= 1 else ("met at p50" if r50 <= 1 else "missed")
             print(f"| {res['scenario']['label']} | {where} | {len(rows)} | {_f(_pct(vals, 50), 2)} | "
-                  f"{_f(_pct(vals, 99), 2)} | {_f(statistics.median(steps), 2)} | {r50:.2f} | {r99:.2f} | {verdict} |")
+                  f"{_f(_pct(vals, 99), 2)} | {_f(statistics.median(steps), 2)} | {r50:.2f} | {r99:.2f} | {verdict} | "
+                  f"{_f(_pct(sets, 50), 2)} / {_f(_pct(sets, 99), 2)} | {_f(_pct(reacts, 50), 2)} / "
+                  f"{_f(_pct(reacts, 99), 2)} | {_f(_pct(react_steps, 50), 2)} / {_f(_pct(react_steps, 99), 2)} |")
 
 
 def print_decision_tables(rows: dict, parts: dict, moved: dict, lengths: list[int], base: int) -> None:
     med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
-    print("| history (steps) | prompt tokens | image horizon moved | with reuse: ms/step | tokens prefilled "
+    print("| history (steps) | prompt tokens | images dropped this step | with reuse: ms/step | tokens prefilled "
           "| decode ms/token | without reuse: ms/step | reuse speed-up | with reuse vs step 1 | without vs step 1 |")
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     b_reuse, b_full = med(rows[True, base], "ms"), med(rows[False, base], "ms")
@@ -784,25 +853,31 @@ def print_decision_tables(rows: dict, parts: dict, moved: dict, lengths: list[in
     print()
     print("Where the time of a decision with reuse goes (median ms):")
     print()
-    grown = [h for h in lengths[-2:] if h != base]
+    grown = [h for h in lengths[-1:] if h != base]
     print("| part | " + " | ".join(f"history {h}" for h in lengths) + " | "
           + " | ".join(f"growth {h} vs {base}" for h in grown) + " |")
     print("|---|" + "---:|" * (len(lengths) + len(grown)))
+    attn = lambda h: med(rows[True, h], "attention")  # noqa: E731
     lines = [
         ("Memory.prompt (build_prompt)", lambda h: med(rows[True, h], "build")),
-        ("chat template", lambda h: parts[h]["template"]),
-        ("tokenize the whole prompt", lambda h: parts[h]["tokenize"]),
-        ("image processing (all shown images)", lambda h: parts[h]["images"]),
-        ("backend preprocessing in all (process_ms)", lambda h: med(rows[True, h], "process")),
-        ("prefill (uncached suffix)", lambda h: med(rows[True, h], "prefill")),
+        ("backend preprocessing: chat template + processor on the new pieces (process_ms)",
+         lambda h: med(rows[True, h], "process")),
+        ("prefill of the uncached suffix", lambda h: med(rows[True, h], "prefill")),
         ("decode", lambda h: med(rows[True, h], "decode")),
         ("decision", lambda h: med(rows[True, h], "ms")),
+        ("of which attention (all calls, prefill and decode)", attn),
+        ("of which everything but attention", lambda h: med(rows[True, h], "ms") - attn(h)),
+        ("for reference: a full re-encode (template + tokenise + image-process the whole prompt)",
+         lambda h: parts[h]["template"] + parts[h]["tokenize"] + parts[h]["images"]),
     ]
     for name, fn in lines:
         print(f"| {name} | " + " | ".join(f"{fn(h):,.1f}" for h in lengths) + " | "
               + " | ".join(f"{fn(h) - fn(base):+,.1f}" for h in grown) + " |")
     print("| images shown / prompt characters | " + " | ".join(
         f"{parts[h]['n_images']:.0f} / {parts[h]['chars']:,.0f}" for h in lengths) + " |" + " |" * len(grown))
+    modes = sorted({x["encoding"] for (reuse, _), xs in rows.items() if reuse for x in xs})
+    print()
+    print(f"Prompt encoding of the timed decisions: {', '.join(modes)} (the hf backend's `extra['encoding']`).")
 
 
 # --------------------------------------------------------------------------- main
@@ -819,14 +894,19 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS,
                    help="model states of tables 1 and 2 (the bus floor always runs: it is the baseline)")
     p.add_argument("--chunk-delay-ms", type=float, default=30.0, help="the scripted model's time per token")
-    p.add_argument("--hidden", type=int, default=256, help="model width (a multiple of 16)")
-    p.add_argument("--layers", type=int, default=4, help="model depth")
+    p.add_argument("--hidden", type=int, default=256, help="model width (robix-tiny's: 256)")
+    p.add_argument("--layers", type=int, default=4, help="model depth (robix-tiny's: 4)")
+    p.add_argument("--heads", type=int, default=4,
+                   help="attention heads, half as many key/value heads (robix-tiny's: 4 and 2)")
+    p.add_argument("--max-images", type=int, default=64,
+                   help="memory.max_images of the planner in the hf scenario and of table 3 (default 64, as "
+                        "robix-tiny runs: no image is dropped in a 64-step episode, the prompt only grows)")
     p.add_argument("--test-model", action="store_true",
                    help="use the tests' tiny model unchanged (64 wide, 2 layers, its 300-token tokenizer, "
                         "9-token images)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per decision (table 3)")
-    p.add_argument("--repeats", type=int, default=5, help="timed decisions per history length and mode (table 3)")
-    p.add_argument("--lengths", type=int, nargs="+", default=[1, 10, 11, 30, 31],
+    p.add_argument("--repeats", type=int, default=7, help="timed decisions per history length and mode (table 3)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[1, 10, 30],
                    help="history lengths of table 3 (the smallest is the baseline)")
     p.add_argument("--no-decisions", action="store_true", help="skip table 3 (the model is still built)")
     p.add_argument("--no-bus", action="store_true", help="only table 3")
@@ -834,7 +914,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--switch-interval-ms", type=float, default=None,
                    help="sys.setswitchinterval in the planner process (an experiment; default: Python's 5 ms)")
     p.add_argument("--prefill-chunk", type=int, default=None,
-                   help="HFBackend.prefill_chunk_tokens in the hf scenario (an experiment; default: the backend's)")
+                   help="model.prefill_chunk_tokens in the hf scenario (an experiment; default: ModelConfig's)")
     return p
 
 
@@ -843,12 +923,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.trials, args.repeats, args.new_tokens = 5, 1, 16
-        args.hidden, args.layers, args.lengths = 64, 2, [1, 10, 30]
+        args.hidden, args.layers, args.heads, args.lengths = 64, 2, None, [1, 10, 30]
     if min(args.lengths) < 1:
         parser.error("--lengths must be >= 1 (the step before is run first)")
     if args.test_model:
-        args.hidden, args.layers = 64, 2
-    model_name = f"{args.hidden}x{args.layers}" + (", tests' tokenizer" if args.test_model else "")
+        args.hidden, args.layers, args.heads = 64, 2, None
+    heads = args.heads or args.hidden // 16
+    model_name = f"{args.hidden} wide, {args.layers} layers, {heads} heads" + (
+        ", tests' tokenizer" if args.test_model else "")
     lengths = sorted(set(args.lengths))
     t_start = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="robix-bench-interrupt-"))
@@ -858,7 +940,8 @@ def main(argv=None) -> int:
     controller = ctrl_conn = user = None
     try:
         # Table 3 first (and the model for the hf scenario): one heavy process, nothing else running.
-        spec = {"hidden": args.hidden, "layers": args.layers, "test_model": args.test_model,
+        spec = {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "test_model": args.test_model,
+                "max_images": args.max_images,
                 "new_tokens": args.new_tokens, "repeats": args.repeats, "lengths": [] if args.no_decisions else lengths}
         proc, conn = _spawn(_decisions_proc, str(workdir / "model"), spec)
         _, model_path, build_s = _expect(conn, 120, "model build")
@@ -878,7 +961,7 @@ def main(argv=None) -> int:
             scenarios += [{"name": n, "busy": n, "robot": "acting", "label": labels[n]}
                           for n in SCENARIOS if n in args.scenarios]
             for n, sc in enumerate(scenarios):
-                sc.update(chunk_delay_s=args.chunk_delay_ms / 1000.0, model_path=model_path,
+                sc.update(chunk_delay_s=args.chunk_delay_ms / 1000.0, model_path=model_path, max_images=args.max_images,
                           switch_interval_ms=args.switch_interval_ms, prefill_chunk=args.prefill_chunk)
                 res = run_scenario(user, ctrl_conn, graph_dir, sc, args.trials, seed=n)
                 res["scenario"] = sc
@@ -892,7 +975,8 @@ def main(argv=None) -> int:
                                                    ("prefill chunk tokens", args.prefill_chunk)) if v]
             print()
             print("Utterance -> halt (the controller's command callback receives `stop`), over loopback TCP, "
-                  "3 processes" + (f" ({', '.join(experiments)})" if experiments else "") + ":")
+                  "3 processes" + (f" ({', '.join(experiments)})" if experiments else "")
+                  + f"; planner memory.max_images={args.max_images}:")
             print()
             print_halt_table(results)
             if any(r["scenario"]["busy"] in ("scripted", "hf") for r in results.values()):
@@ -902,15 +986,17 @@ def main(argv=None) -> int:
                 print()
                 print_cancel_table(results)
         if decisions is not None:
-            _, rows, parts, moved = decisions
+            _, rows, parts, moved, size = decisions
             if args.test_model:
                 model = "the tests' tiny Qwen2.5-VL: 64 wide, 2 layers, 300-token tokenizer, 9-token images"
             else:
-                model = (f"tiny Qwen2.5-VL {args.hidden} wide, {args.layers} layers, planner-trained tokenizer, "
-                         "54-token images")
+                model = f"tiny Qwen2.5-VL {model_name}, planner-trained tokenizer, 54-token images"
+            model += (f"; {size['params'] / 1e6:.2f}M parameters ({size['text_params'] / 1e6:.2f}M in the decoder), "
+                      f"{size['bytes'] / 2**20:.1f} MiB in float32")
             print()
-            print(f"Decision latency vs history (hf backend, {model}; Memory.prompt + generate of "
-                  f"{args.new_tokens} tokens; median of {args.repeats}):")
+            print(f"Decision latency vs history (hf backend, {model}; memory.max_images={args.max_images}, so no "
+                  f"image is dropped and the prompt only grows; Memory.prompt + generate of {args.new_tokens} tokens; "
+                  f"model thread at nice 0; median of {args.repeats}):")
             print()
             print_decision_tables(rows, parts, moved, lengths, lengths[0])
         print()

@@ -95,12 +95,19 @@ def build_tokenizer():
 
 
 def build_tiny_qwen_vl(
-    path, *, seed: int = 0, init_std: float = 0.3, hidden_size: int = 64, num_layers: int = 2
+    path,
+    *,
+    seed: int = 0,
+    init_std: float = 0.3,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int | None = None,
 ) -> Path:
     """Write a tiny random Qwen2.5-VL checkpoint (model, tokenizer, processor) to ``path``.
 
-    ``hidden_size`` (a multiple of 16: heads of 16 dims) and ``num_layers`` make it larger for
-    timing runs; the defaults give a 0.7 MB model.
+    ``hidden_size``, ``num_layers`` and ``num_heads`` (default: heads of 16 dims; the head size
+    ``hidden_size // num_heads`` must be a multiple of 8; half as many key/value heads) make it
+    larger for timing runs; the defaults give a 0.7 MB model.
 
     ``init_std`` is larger than a real model's 0.02 so that the random model's next-token logits
     have clear margins: greedy decoding then does not flip on float rounding, which the
@@ -141,17 +148,22 @@ def build_tiny_qwen_vl(
         if f.exists():
             f.write_text(f.read_text().replace('"_ImageOnlyProcessor"', '"Qwen2_5_VLProcessor"'))
 
-    head_dim = 16
+    num_heads = num_heads or hidden_size // 16
+    head_dim = hidden_size // num_heads
+    if head_dim * num_heads != hidden_size or head_dim % 8:
+        raise ValueError(f"hidden_size={hidden_size} / num_heads={num_heads} must give heads of a multiple of 8 dims")
+    # Qwen2.5-VL's split of the rotary half-dimension into time / height / width (16, 24, 24 of 64).
+    mrope_section = [head_dim // 8, (head_dim // 2 - head_dim // 8) // 2, (head_dim // 2 - head_dim // 8) // 2]
     config = Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=len(tok),
             hidden_size=hidden_size,
             intermediate_size=2 * hidden_size,
             num_hidden_layers=num_layers,
-            num_attention_heads=hidden_size // head_dim,
-            num_key_value_heads=max(1, hidden_size // head_dim // 2),
+            num_attention_heads=num_heads,
+            num_key_value_heads=max(1, num_heads // 2),
             max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
             initializer_range=init_std,
             bos_token_id=None,
             eos_token_id=ids["<|im_end|>"],

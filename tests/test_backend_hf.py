@@ -9,6 +9,7 @@ recompute, chunked vs whole prefill, image A vs image B, adapter vs base).
 from __future__ import annotations
 
 import shutil
+import sys
 import threading
 
 import pytest
@@ -98,12 +99,26 @@ def prompt_inputs(b, prompt):
     return b.processor(text=[text], images=pil or None, return_tensors="pt")
 
 
+_STOCK: dict = {}
+
+
+def stock_model(path):
+    """The checkpoint loaded by transformers alone (stock ``sdpa`` attention, no backend hooks)."""
+    from transformers import AutoModelForImageTextToText
+
+    if path not in _STOCK:
+        _STOCK[path] = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True).eval()
+    return _STOCK[path]
+
+
 def reference_ids(b, prompt, max_new_tokens: int) -> list[int]:
     """transformers' own greedy ``generate`` on the same checkpoint and chat template."""
     inputs = prompt_inputs(b, prompt)
-    out = b.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    model = stock_model(b.config.path)
+    assert model.config._attn_implementation == "sdpa"
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     ids = out[0, inputs["input_ids"].shape[1] :].tolist()
-    stop = set(b.model.generation_config.eos_token_id)
+    stop = set(model.generation_config.eos_token_id)
     return ids[: next((i for i, t in enumerate(ids) if t in stop), len(ids))]
 
 
@@ -135,6 +150,7 @@ def test_loads_a_local_checkpoint_through_the_auto_classes(tiny_path):
 
 def test_streamed_deltas_join_to_the_greedy_output_of_transformers_generate(tiny_path):
     b = backend(tiny_path, max_new_tokens=24, prefix_cache=False)
+    assert b.model.config._attn_implementation == "robix_cpu_sdpa"  # the CPU attention (reference: stock sdpa)
     prompt = episode(2)
     deltas, text = run(b, prompt)
     ref = reference_ids(b, prompt, 24)
@@ -296,11 +312,25 @@ def test_a_changed_image_is_not_reused_from_the_cache(tiny_path):
     assert b.last_stats.cached_tokens == b.last_stats.prompt_tokens - 1
 
 
-def test_chunked_prefill_matches_one_pass_and_never_splits_an_image(tiny_path):
-    whole = run(backend(tiny_path, prefix_cache=False), episode(3))[1]
-    b = backend(tiny_path, prefix_cache=False)
-    b.prefill_chunk_tokens = 5  # smaller than an image (9 placeholder tokens): images go whole
+def test_chunked_prefill_matches_one_pass_and_never_splits_an_image(tiny_path, monkeypatch):
+    whole = run(backend(tiny_path, prefix_cache=False, prefill_chunk_tokens=4096), episode(3))[1]
+    # smaller than an image (8 placeholder tokens): images go whole
+    b = backend(tiny_path, prefix_cache=False, prefill_chunk_tokens=5)
+    pieces = []
+    forward = b.model.forward
+
+    def counted(*args, **kwargs):
+        pieces.append(kwargs["input_ids"].shape[1])  # tokens fed in this forward call
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(b.model, "forward", counted)
     assert run(b, episode(3))[1] == whole
+    s = b.last_stats
+    steps = s.new_tokens - (s.extra["stop"] == "length")  # one forward per generated token but the last
+    assert sum(pieces[: len(pieces) - steps]) == s.prompt_tokens
+    assert max(pieces) == 8 and pieces.count(8) == 3  # the three images, whole; the text in pieces of <= 5
+    with pytest.raises(ConfigError, match="prefill_chunk_tokens"):
+        backend(tiny_path, prefill_chunk_tokens=0)
 
 
 # ---------------------------------------------------------------------- sampling and adapters
@@ -371,3 +401,184 @@ def test_another_architecture_llava_with_plain_positions(tmp_path):
     got = run(cached, changed)[1]
     assert got == run(fresh, changed)[1]
     assert cached.last_stats.cached_tokens == image_starts(fresh, changed)[1]
+
+
+# ---------------------------------------------------------------------- cancel inside the forward pass
+
+
+def text_layers(b):
+    return list(b.model.model.language_model.layers)
+
+
+def cache_lengths(b) -> set[int]:
+    return {layer.get_seq_length() for layer in b._cache.layers}
+
+
+def test_a_cancel_from_another_thread_during_prefill_stops_within_one_layer(tiny_path):
+    """The whole prompt is one forward call; a cancel while layer 0 runs stops it before layer 1."""
+    b = backend(tiny_path, prefix_cache=False, prefill_chunk_tokens=4096)
+    layers = text_layers(b)
+    ran, in_layer, cancel, cancelled = [], threading.Event(), threading.Event(), threading.Event()
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda m, a, i=i: ran.append(i) and None)
+
+    def slow_layer_0(module, args, output):  # layer 0 "runs" until the other thread has cancelled
+        in_layer.set()
+        assert cancelled.wait(WAIT_S)
+
+    layers[0].register_forward_hook(slow_layer_0)
+
+    def canceller():
+        assert in_layer.wait(WAIT_S)
+        cancel.set()
+        cancelled.set()
+
+    t = threading.Thread(target=canceller)
+    t.start()
+    assert list(b.generate(episode(2), cancel=cancel)) == []
+    t.join(WAIT_S)
+    assert ran == [0]  # layer 1 never started: the cancel landed inside the forward call
+    s = b.last_stats
+    assert s.cancelled and s.extra["stop"] == "cancel" and s.new_tokens == 0
+
+
+def test_a_cancel_lands_inside_an_attention_call_over_a_cached_prefix(tiny_path):
+    """A prefill piece after a cached prefix is attended in slices of query rows, with a cancel point between."""
+    b = backend(tiny_path, prefill_chunk_tokens=4096)
+    run(b, episode(2))
+    attention = text_layers(b)[0].self_attn
+    finished, cancel = [], threading.Event()
+    attention.register_forward_pre_hook(lambda m, a: cancel.set())  # cancelled as layer 0's attention starts
+    attention.register_forward_hook(lambda m, a, o: finished.append(1))
+    assert list(b.generate(episode(3), cancel=cancel)) == []
+    assert b.last_stats.prompt_tokens - b.last_stats.cached_tokens > 32  # more than one slice to attend
+    assert finished == []  # the attention call itself was cut short
+    assert b.last_stats.cancelled
+
+
+def test_the_cache_is_consistent_after_a_cancelled_prefill_and_decoding_step(tiny_path):
+    b = backend(tiny_path, prefill_chunk_tokens=4096, max_new_tokens=12)
+    fresh = backend(tiny_path, prefix_cache=False, max_new_tokens=12)
+    run(b, episode(2))
+    layer_1 = text_layers(b)[1]
+    cancel = threading.Event()
+    hook = layer_1.register_forward_pre_hook(lambda m, a: cancel.set())  # layer 0 has appended the suffix
+    assert list(b.generate(episode(3), cancel=cancel)) == []
+    hook.remove()
+    cached = b.last_stats.cached_tokens  # the part of episode(2)'s cache that episode(3) starts with
+    assert cached > 0 and len(b._tags) == cached
+    assert cache_lengths(b) == {cached}  # the suffix was cropped from layer 0 again: every layer alike
+    _, text = run(b, episode(3))
+    assert b.last_stats.cached_tokens == cached  # what was cached before the cancel is still used
+    assert text == run(fresh, episode(3))[1]
+    # A cancel inside a decoding step: the step's token is dropped from every layer.
+    steps, cancel = [], threading.Event()
+
+    def on_layer_1(module, args):
+        if args[0].shape[1] == 1:  # a decoding step (one token)
+            steps.append(1)
+            if len(steps) == 3:
+                cancel.set()
+
+    hook = layer_1.register_forward_pre_hook(on_layer_1)
+    deltas = list(b.generate(episode(4), cancel=cancel))
+    hook.remove()
+    assert b.last_stats.cancelled and b.last_stats.new_tokens == 3 and deltas
+    assert cache_lengths(b) == {len(b._tags)}
+    assert run(b, episode(4))[1] == run(fresh, episode(4))[1]
+    assert run(b, episode(5))[1] == run(fresh, episode(5))[1]
+
+
+# ---------------------------------------------------------------------- incremental encoding
+
+
+def full_encoding(b, prompt) -> dict:
+    """The processor's inputs for the whole prompt at once (as transformers builds them)."""
+    return dict(prompt_inputs(b, prompt))
+
+
+def assert_same_encoding(b, enc, prompt) -> None:
+    want = full_encoding(b, prompt)
+    assert enc.ids == want["input_ids"][0].tolist()
+    if "mm_token_type_ids" in want:
+        assert enc.arrays["mm_token_type_ids"] == want["mm_token_type_ids"][0].tolist()
+    pixels = torch.cat([inputs["pixel_values"] for _, _, inputs in enc.spans])
+    assert torch.equal(pixels, want["pixel_values"])
+    if "image_grid_thw" in want:
+        assert torch.equal(torch.cat([inputs["image_grid_thw"] for _, _, inputs in enc.spans]), want["image_grid_thw"])
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "llava"])
+def test_incremental_encoding_equals_a_full_encoding_and_processes_only_new_pieces(arch, tiny_path, tmp_path,
+                                                                                 monkeypatch):
+    from robix_planner import format as fmt
+
+    path = tiny_path if arch == "qwen2_5_vl" else build_tiny_llava(tmp_path / "llava")
+    b = backend(path)
+    encoder = b._encoder
+    processed = []
+    image_processor = type(b.processor.image_processor)
+    call = image_processor.__call__
+    monkeypatch.setattr(image_processor, "__call__", lambda self, images, **kw: processed.append(len(images))
+                        or call(self, images, **kw))
+    for steps in range(1, 6):
+        processed.clear()
+        enc = encoder.encode(episode(steps))
+        images_processed = list(processed)
+        assert_same_encoding(b, enc, episode(steps))
+        if steps > 1:
+            assert enc.mode == "incremental"
+            assert images_processed == [1]  # only the new step's image; the others' pixels come from the cache
+    # A prompt that changes in the middle (an old image no longer shown) is still encoded exactly.
+    changed = episode(5)
+    changed[1] = ChatMessage("user", ("Your current views are", fmt.IMAGE_DROPPED, "step 0: clear the table"))
+    processed.clear()
+    enc = encoder.encode(changed)
+    assert enc.mode == "incremental" and processed == []  # no new image
+    assert_same_encoding(b, enc, changed)
+    # And the model's answer with it equals a full recompute.
+    assert run(b, changed)[1] == run(backend(path, prefix_cache=False), changed)[1]
+
+
+def test_a_processor_whose_pieces_differ_is_encoded_whole(tiny_path, monkeypatch, caplog):
+    import re
+
+    from robix_planner.backends import hf
+
+    # Cutting inside words changes byte-level BPE tokens: the check must notice and fall back.
+    monkeypatch.setattr(hf, "_piece_splitter", lambda tokenizer: re.compile("e"))
+    b = backend(tiny_path, max_new_tokens=12)
+    with caplog.at_level("WARNING", logger="robix_planner.backends.hf"):
+        first = run(b, episode(1))[1]
+    assert b.last_stats.extra["encoding"] == "full"
+    assert "differs from a full encoding" in caplog.text
+    second = run(b, episode(2))[1]
+    assert b.last_stats.extra["encoding"] == "full" and b.last_stats.cached_tokens > 0
+    assert first == decode(b, reference_ids(b, episode(1), 12))
+    assert second == decode(b, reference_ids(b, episode(2), 12))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_the_thread_running_the_model_is_lowered_to_nice(tiny_path):
+    import os
+
+    def nice_after_generating(b) -> tuple[int, int]:
+        seen = []
+
+        def work():
+            tid = threading.get_native_id()
+            before = os.getpriority(os.PRIO_PROCESS, tid)
+            run(b, episode(1))
+            seen.append((before, os.getpriority(os.PRIO_PROCESS, tid)))
+
+        t = threading.Thread(target=work)
+        t.start()
+        t.join(WAIT_S)
+        return seen[0]
+
+    before, after = nice_after_generating(backend(tiny_path, nice=7, max_new_tokens=2))
+    assert after == max(before, 7)  # only this thread, and never raised back
+    before, after = nice_after_generating(backend(tiny_path, nice=0, max_new_tokens=2))
+    assert after == before
+    with pytest.raises(ConfigError, match="model.nice"):
+        backend(tiny_path, nice=20)

@@ -25,7 +25,10 @@ Role = Literal["system", "user", "assistant"]
 
 @dataclass(frozen=True, eq=False)
 class ImagePart:
-    """One camera view inside a message: an ``(H, W, 3)`` uint8 RGB numpy array."""
+    """One camera view inside a message: an ``(H, W, 3)`` uint8 RGB numpy array.
+
+    Immutable once made: backends may key caches on the object (its pixels must not change).
+    """
 
     pixels: object  # numpy.ndarray; typed loosely so importing this module needs no numpy
     camera: str = "head"
@@ -69,6 +72,15 @@ class ModelConfig(Config):
     dtype: str = "float32"
     #: hf: reuse the KV cache of the unchanged prompt prefix from step to step.
     prefix_cache: bool = True
+    #: hf: the longest piece of prompt fed to the model in one forward call (an image is never
+    #: split). On CPU a cancel lands within one attention slice or MLP call of one layer; the
+    #: piece size bounds the MLP call (on a GPU, the whole forward call); smaller pieces cost
+    #: more forward calls.
+    prefill_chunk_tokens: int = 128
+    #: hf (Linux): the nice value (0-19) the thread that runs the model is lowered to when it
+    #: runs a generation (never raised back). Above 0, the node's own threads (the bus, a halt,
+    #: a cancel) preempt the model at once when CPU cores are scarce; 0 leaves the thread alone.
+    nice: int = 10
     #: openai: server base URL (e.g. http://127.0.0.1:8000/v1) and the served model name.
     base_url: Optional[str] = None
     model: Optional[str] = None
