@@ -654,18 +654,10 @@ def _encode_parts(backend, prompt) -> dict:
     """Time the three parts of the backend's per-step preprocessing with the processor's public API."""
     from PIL import Image as PILImage
 
-    from robix_planner.backends.base import ImagePart
+    from robix_planner import format as fmt
 
-    messages, pil = [], []
-    for m in prompt:
-        content = []
-        for p in m.content:
-            if isinstance(p, ImagePart):
-                content.append({"type": "image"})
-                pil.append(PILImage.fromarray(p.pixels))
-            else:
-                content.append({"type": "text", "text": p})
-        messages.append({"role": m.role, "content": content})
+    messages, parts = fmt.to_hf_messages(prompt)
+    pil = [PILImage.fromarray(p.pixels) for p in parts]
     proc = backend.processor
     t0 = time.perf_counter()
     text = proc.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -20,3 +20,14 @@ def bus_env(tmp_path, monkeypatch):
     monkeypatch.setenv("ROBIX_GRAPH_DIR", str(graph))
     monkeypatch.setenv("ROBIX_DOMAIN", "test")
     return {"ROBIX_GRAPH_DIR": str(graph), "ROBIX_DOMAIN": "test"}
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """torch on one thread for a module's tests (2 cores are shared with the bus threads), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -27,6 +27,7 @@ from helpers_tiny_vlm import (  # noqa: E402
 )
 
 from robix_planner.backends import load_backend  # noqa: E402
+from robix_planner import format as fmt  # noqa: E402
 from robix_planner.backends.base import BackendError, ChatMessage, ImagePart, ModelConfig  # noqa: E402
 from robix_planner.config import ConfigError  # noqa: E402
 
@@ -34,11 +35,8 @@ WAIT_S = 10.0
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(torch_one_thread):
+    pass
 
 
 @pytest.fixture(scope="module")
@@ -82,16 +80,8 @@ def prompt_inputs(b, prompt):
     """The processor's inputs for ``prompt``, built directly with transformers (not via the backend)."""
     from PIL import Image
 
-    messages, pil = [], []
-    for m in prompt:
-        content = []
-        for p in m.content:
-            if isinstance(p, ImagePart):
-                content.append({"type": "image"})
-                pil.append(Image.fromarray(p.pixels))
-            else:
-                content.append({"type": "text", "text": p})
-        messages.append({"role": m.role, "content": content})
+    messages, parts = fmt.to_hf_messages(prompt)
+    pil = [Image.fromarray(p.pixels) for p in parts]
     cont = prompt[-1].role == "assistant"
     text = b.processor.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=not cont, continue_final_message=cont

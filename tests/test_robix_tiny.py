@@ -45,11 +45,8 @@ TOKENS_PER_IMAGE = 6
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(torch_one_thread):
+    pass
 
 
 @pytest.fixture(scope="module")
