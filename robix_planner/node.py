@@ -202,8 +202,11 @@ class Node:
         return self.remap.get(topic, topic)
 
     def create_publisher(self, topic: str, msg_type: type[Message], *, policy: Optional[Policy] = None,
-                         latched: bool = False) -> Publisher:
-        pub = self.bus.publisher(self.resolve(topic), msg_type, node=self.name, policy=policy, latched=latched)
+                         latched: bool = False, shm: Optional[bool] = None) -> Publisher:
+        """A publisher on ``topic`` (resolved in the node's namespace); see :meth:`Bus.publisher` for
+        ``policy``, ``latched`` and ``shm`` (None: per ``bus.shm``; False: never shared memory)."""
+        pub = self.bus.publisher(self.resolve(topic), msg_type, node=self.name, policy=policy, latched=latched,
+                                 shm=shm)
         self._publishers.append(pub)
         return pub
 

@@ -254,6 +254,7 @@ def test_reliable_latched_small_and_remote_publishers_never_use_shared_memory(no
     node = nodes("camera")
     assert node.create_publisher("/camera/a", Image, policy="reliable")._ring is None
     assert node.create_publisher("/camera/b", Image, latched=True)._ring is None
+    assert node.create_publisher("/camera/c", Image, shm=False)._ring is None  # a node may opt out per topic
     with Bus(msgspec.structs.replace(shm_config, host="192.0.2.7")) as lan:  # remote peers may connect
         assert lan.shm_reads and not lan.shm_writes
     assert nodes("local_ipc", transport="ipc").create_publisher("/camera/d", Image)._ring is not None
