@@ -61,7 +61,12 @@ _FIELD = re.compile(r"\{(\w+)\}")
 
 
 @lru_cache(maxsize=256)
-def _compile(template: str) -> tuple[re.Pattern, tuple[str, ...]]:
+def compile_template(template: str) -> tuple[re.Pattern, tuple[str, ...]]:
+    """A template's regular expression (one named group per argument) and its argument names, in order.
+
+    The pattern matches normalised text (:func:`normalize`) and checks no vocabulary: any words fill
+    an argument.
+    """
     names = tuple(_FIELD.findall(template))
     for name in names:
         if name not in ARG_KINDS:
@@ -75,7 +80,7 @@ def _compile(template: str) -> tuple[re.Pattern, tuple[str, ...]]:
 
 def template_args(template: str) -> tuple[str, ...]:
     """The argument names of a template, in order."""
-    return _compile(template)[1]
+    return compile_template(template)[1]
 
 
 def render(spec: SkillSpec, **args: str) -> str:
@@ -94,7 +99,7 @@ def parse(text: str, caps: Capabilities) -> ParsedCommand:
     vocab = {kind: {normalize(w) for w in getattr(caps, attr)} for kind, attr in ARG_KINDS.items()}
     near: list[str] = []
     for spec in caps.skills:
-        pattern, names = _compile(spec.template)
+        pattern, names = compile_template(spec.template)
         m = pattern.match(norm)
         if not m:
             continue

@@ -161,7 +161,7 @@ def plan_skill(plan: str) -> Optional[tuple[str, dict[str, str]]]:
     """``(skill name, arguments)`` of a command in any known skill's wording, or None."""
     norm = skills.normalize(plan)
     for spec in skills.ALL_SKILLS:
-        pattern, names = skills._compile(spec.template)  # the grammar's own templates, no vocabulary check
+        pattern, names = skills.compile_template(spec.template)  # the grammar's own templates, no vocabulary check
         m = pattern.match(norm)
         if m:
             return spec.name, {n: m.group(n) for n in names}
