@@ -17,7 +17,8 @@ should publish a ``PlannerStep`` per decision (the end of an episode waits for i
 
 The table has one row per category: scenarios, mean task progress, success rate, the
 behaviour checks (passed/applicable: interrupt honoured, asked when ambiguous, refused when
-invalid), mean pointless repeats, decisions and simulated seconds per episode. ``--json``
+invalid), mean pointless repeats, commands the controller rejected (in all), decisions and
+simulated seconds per episode. ``--json``
 writes the table and every episode's record, for later comparison. Simulated time runs
 ``--time-scale`` times faster than the wall clock in bus mode.
 
@@ -61,6 +62,8 @@ class EpisodeRecord(msgspec.Struct, kw_only=True):
     truncated: bool
     failed: list[str] = []
     wall_s: float = 0.0
+    #: Commands the controller rejected (see sim.scoring.Score.rejected).
+    rejected: int = 0
 
 
 class CategorySummary(msgspec.Struct, kw_only=True):
@@ -73,6 +76,8 @@ class CategorySummary(msgspec.Struct, kw_only=True):
     decisions: float
     sim_time_s: float
     truncated: int
+    #: Commands the controller rejected, summed over the episodes.
+    rejected: int = 0
 
 
 def record_of(scenario, score, truncated: bool, wall_s: float) -> EpisodeRecord:
@@ -80,7 +85,7 @@ def record_of(scenario, score, truncated: bool, wall_s: float) -> EpisodeRecord:
         id=scenario.id, category=scenario.category.value, variant=scenario.variant, progress=score.progress,
         success=score.success, checks=dict(score.checks), repeats=score.repeats, commands=score.commands,
         decisions=score.decisions, sim_time_s=round(score.sim_time_s, 3), truncated=truncated,
-        failed=score.failed(), wall_s=round(wall_s, 3),
+        failed=score.failed(), wall_s=round(wall_s, 3), rejected=score.rejected,
     )
 
 
@@ -166,13 +171,14 @@ def summarize(records: list[EpisodeRecord]) -> dict[str, CategorySummary]:
             n=n, progress=sum(r.progress for r in rs) / n, success=sum(r.success for r in rs) / n, checks=checks,
             repeats=sum(r.repeats for r in rs) / n, decisions=sum(r.decisions for r in rs) / n,
             sim_time_s=sum(r.sim_time_s for r in rs) / n, truncated=sum(r.truncated for r in rs),
+            rejected=sum(r.rejected for r in rs),
         )
     return out
 
 
 def format_table(summary: dict[str, CategorySummary]) -> str:
     head = ("category", "n", "progress", "success", "interrupt honoured", "asked when ambiguous",
-            "refused when invalid", "repeats", "decisions", "sim s")
+            "refused when invalid", "repeats", "rejected", "decisions", "sim s")
     rows = [head]
     for cat, s in summary.items():
         def check(name):
@@ -180,7 +186,8 @@ def format_table(summary: dict[str, CategorySummary]) -> str:
             return f"{ok}/{n}" if n else "-"
 
         rows.append((cat, str(s.n), f"{100 * s.progress:.1f}%", f"{100 * s.success:.1f}%",
-                     *(check(c) for c in CHECKS), f"{s.repeats:.2f}", f"{s.decisions:.1f}", f"{s.sim_time_s:.1f}"))
+                     *(check(c) for c in CHECKS), f"{s.repeats:.2f}", str(s.rejected),
+                     f"{s.decisions:.1f}", f"{s.sim_time_s:.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     rule = "  ".join("-" * w for w in widths)
     lines = []

@@ -105,6 +105,9 @@ class Score:
     decisions: int
     sim_time_s: float
     locations: dict[str, str] = field(default_factory=dict)
+    #: Commands the controller refused: outside its grammar or vocabulary, impossible in the world's
+    #: state, or sent while another ran. A planner that validates before dispatch sends none.
+    rejected: int = 0
 
     def failed(self) -> list[str]:
         """The predicates not met, described."""
@@ -350,6 +353,7 @@ def score_episode(scenario: Scenario, events: list[Event], final_locations: Opti
         checks=checks,
         repeats=repeats,
         commands=len(lg.cmds),
+        rejected=sum(c.end_state is CommandState.REJECTED for c in lg.cmds),
         decisions=sum(ev.kind is EventKind.DECISION for ev in events),
         sim_time_s=max((ev.t_s for ev in events), default=0.0),
         locations=dict(loc),

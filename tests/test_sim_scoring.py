@@ -57,6 +57,30 @@ def test_pointless_repeats_are_counted():
     assert result.score.checks["no_pointless_repeats"] is False
 
 
+class SendsNonsenseFirst:
+    """Sends one command outside the grammar, then plans as the oracle does."""
+
+    needs_images = False
+
+    def __init__(self, runner):
+        self.oracle = OraclePlanner(runner.privileged)
+        self.sent = False
+
+    def decide(self, obs):
+        if not self.sent:
+            self.sent = True
+            return Decision(thought="try", plan="juggle the plates")
+        return self.oracle.decide(obs)
+
+
+def test_commands_the_controller_rejects_are_counted():
+    s = load_scenarios("test", "multi_stage")[0]
+    clean = EpisodeRunner(s)
+    assert clean.run(OraclePlanner(clean.privileged)).score.rejected == 0
+    runner = EpisodeRunner(s)
+    assert runner.run(SendsNonsenseFirst(runner)).score.rejected == 1
+
+
 def _log(*events):
     return list(events)
 
