@@ -553,11 +553,48 @@ def test_init_builds_robix_tiny_that_sft_trains(work, tmp_path, one_thread):
     assert type(AutoModelForImageTextToText.from_pretrained(model_dir, local_files_only=True)).__name__.startswith(
         "RobixTiny")
     # robix-tiny's own chat template carries the {% generation %} markers: assistant-only loss as is.
+    # Batched by length, as the shipped configs train (the sampler needs the length column kept).
     cfg = _sft_config(work, tmp_path / "sft", model=str(model_dir), chat_template=None,
-                      train={**TRAIN, "max_steps": 6, "save_steps": 6})
+                      train={**TRAIN, "max_steps": 6, "save_steps": 6},
+                      trl={"train_sampling_strategy": "group_by_length"})
     done = run_sft(cfg)
     assert done["last_loss"] < done["first_loss"]
     assert unchanged(weights(model_dir), weights(tmp_path / "sft" / "model")) == []
+
+
+def test_data_mix_appends_the_rows_of_other_sources_with_the_shared_columns(work):
+    from training.train import DataConfig, convert, load_rows
+
+    sft = load_rows(convert(DataConfig, {"path": str(work / "sft_data")}))
+    cpt = load_rows(convert(DataConfig, {"path": str(work / "cpt_data"), "split": None}))
+    mixed = load_rows(convert(DataConfig, {"path": str(work / "sft_data"),
+                                           "mix": [{"path": str(work / "cpt_data"), "limit": 3}]}))
+    assert len(mixed) == len(sft) + min(3, len(cpt))
+    assert {"messages", "images"} <= set(mixed.column_names) <= set(sft.column_names) & set(cpt.column_names)
+    assert mixed[len(sft)]["messages"] == cpt[0]["messages"]  # the mixed-in rows, in their order, at the end
+    with pytest.raises(ConfigError, match=r"data.mix\[0\]"):
+        load_rows(convert(DataConfig, {"path": str(work / "sft_data"), "mix": [{"pth": "x"}]}))
+
+
+def test_length_column_orders_rows_as_their_token_counts(work):
+    import datasets
+
+    from training.train import add_length_column
+
+    rows = datasets.load_from_disk(str(work / "sft_data"))
+    rows = rows.select(range(min(len(rows), 8)))
+    lengths = add_length_column(rows)["length"]
+    texts = ["".join(training_texts(r)) for r in rows]
+    assert len(set(lengths)) > 1
+    # Longer conversations (more text and images) get larger lengths, in the same order.
+    order = sorted(range(len(rows)), key=lambda i: (len(texts[i]) + 64 * len(rows[i]["images"])))
+    assert [lengths[i] for i in order] == sorted(lengths)
+
+
+def training_texts(row):
+    from training.train import corpus_texts_of
+
+    return list(corpus_texts_of(row))
 
 
 def test_accelerate_configs_load():

@@ -71,6 +71,10 @@ class DataConfig(Config):
     split: Optional[str] = "train"
     #: Use at most this many rows (the first ones).
     limit: Optional[int] = None
+    #: More sources mixed in (each a mapping of these keys but ``mix``; ``split`` defaults to None): their
+    #: rows join the stage's, shuffled in by the trainer. Only the columns every source has are kept
+    #: (``messages``, ``images``, ...), e.g. ``mix: [{path: data/copy, limit: 8000}]``.
+    mix: list[dict[str, Any]] = []
 
 
 class TrainConfig(Config):
@@ -337,13 +341,13 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32"):
 
 def load_processor(path: str | os.PathLike, chat_template: Optional[str] = None):
     """The processor (a tokenizer for a text-only model); an adapter's own, else its base model's."""
-    from robix_planner.backends.hf import _load_processor  # the hf backend's loader: Qwen-VL without torchvision
+    from robix_planner.backends import hf  # the hf backend's loader: Qwen-VL without torchvision
 
     register_models()
     path = Path(path)
     if is_adapter(path) and not any((path / f).is_file() for f in ("tokenizer_config.json", "processor_config.json")):
         path = Path(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"])
-    processor = _load_processor(path)
+    processor = hf.load_processor(path)
     if chat_template is not None:
         f = Path(chat_template)
         if not f.is_file():
@@ -405,10 +409,37 @@ def load_rows(data: DataConfig, *, need: tuple[str, ...] = ()):
         ds = ds.select(range(min(data.limit, len(ds))))
     if len(ds) == 0:
         raise ConfigError(f"the dataset ({data.path or 'data.build'}, split {data.split!r}) has no rows")
+    if data.mix:
+        ds = _mix(ds, data.mix)
     missing = [c for c in need if c not in ds.column_names]
     if missing:
         raise ConfigError(f"the dataset lacks the column(s) {missing}; it has {ds.column_names}")
     return ds
+
+
+def _mix(ds, sources: list[dict[str, Any]]):
+    """``ds`` with the rows of the ``data.mix`` sources appended (the columns all of them share)."""
+    import datasets
+
+    parts = [ds]
+    for i, source in enumerate(sources):
+        if "mix" in source:
+            raise ConfigError(f"data.mix[{i}]: a mixed-in source cannot mix in more")
+        try:
+            sub = convert(DataConfig, {"split": None, **source}, source=f"data.mix[{i}]")
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a strict-config error, reported with its place
+            raise ConfigError(f"data.mix[{i}]: {exc}") from None
+        parts.append(load_rows(sub))
+    common = [c for c in ds.column_names if all(c in p.column_names for p in parts)]
+    if "messages" not in common and not {"prompt", "completion"} <= set(common):
+        raise ConfigError(f"data.mix: the sources share only the columns {common}; they need messages "
+                          "(or prompt and completion) in common")
+    try:
+        return datasets.concatenate_datasets([p.select_columns(common) for p in parts])
+    except ValueError as exc:
+        raise ConfigError(f"data.mix: the sources' columns {common} differ in type ({exc})") from None
 
 
 #: data.build's ``builder`` -> the training.data function that makes the rows.
@@ -719,9 +750,11 @@ def run_sft(cfg: SFTStageConfig, name: str = "sft") -> dict:
             assistant_only_loss=assistant_only,
             completion_only_loss=(cfg.loss == "assistant") if not conversational else None,
         )
+        if args.train_sampling_strategy == "group_by_length" and args.length_column_name not in rows.column_names:
+            rows = add_length_column(rows, args.length_column_name)
         model = load_model(model_path)
         frozen = apply_freeze(model, cfg.freeze)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=processor,
+        trainer = _sft_trainer_class(SFTTrainer)(model=model, args=args, train_dataset=rows, processing_class=processor,
                              peft_config=peft_config(cfg.lora), callbacks=[loss_logger(stage.out / LOSS_LOG)])
         fix_resume(trainer)
         result = trainer.train(resume_from_checkpoint=str(stage.checkpoint) if stage.checkpoint else None)
@@ -730,6 +763,43 @@ def run_sft(cfg: SFTStageConfig, name: str = "sft") -> dict:
                              "frozen_params": frozen, "lora": cfg.lora is not None})
     finally:
         stage.save_wall()
+
+
+def _sft_trainer_class(base):
+    """``base`` (trl's SFTTrainer) keeping the length column that the group_by_length sampler reads.
+
+    SFTTrainer drops every column of a vision dataset but messages/prompt/completion/images before the
+    sampler is built, and the sampler then fails for want of input_ids.
+    """
+    class RobixSFTTrainer(base):
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if self.args.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
+                self._signature_columns = [*self._signature_columns, self.args.length_column_name]
+
+    return RobixSFTTrainer
+
+
+def add_length_column(rows, column: str = "length"):
+    """``rows`` with a ``column`` of approximate lengths (text characters / 4, plus 16 per image).
+
+    transformers' ``group_by_length`` sampler batches rows of similar length together, so that batches of
+    whole episodes (500 to 2,600 tokens) are not mostly padding; conversational rows carry no input_ids
+    for it to measure, and the order is all it needs.
+    """
+    def length(messages=None, prompt=None, completion=None, text=None, images=None):
+        n = sum(len(t) for t in corpus_texts_of({"messages": messages, "prompt": prompt,
+                                                  "completion": completion, "text": text}))
+        return {column: n // 4 + 16 * len(images or [])}
+
+    import datasets
+
+    cols = [c for c in ("messages", "prompt", "completion", "text", "images") if c in rows.column_names]
+    # Only the lengths of the images lists are needed: decoding them would cost as much as the training.
+    plain = rows.cast_column("images", datasets.List(datasets.Image(decode=False))) if "images" in cols else rows
+    lengths = plain.map(lambda *a: length(**dict(zip(cols, a))), input_columns=cols,
+                        remove_columns=plain.column_names, desc="row lengths")[column]
+    return rows.add_column(column, lengths)
 
 
 # =========================================================================== init
@@ -751,19 +821,24 @@ def corpus_texts(sources: list, max_rows: int):
                 raise ConfigError(f"corpus {path!r} has none of the columns messages, prompt, completion, text")
             part = part.select_columns(cols)
             for row in part.select(range(min(max_rows, len(part)))):
-                for c in cols:
-                    value = row[c]
-                    if isinstance(value, str):
-                        yield value
-                        continue
-                    for message in value or []:
-                        content = message.get("content")
-                        if isinstance(content, str):
-                            yield content
-                        else:
-                            for p in content or []:
-                                if p.get("type") == "text" and p.get("text"):
-                                    yield p["text"]
+                yield from corpus_texts_of(row)
+
+
+def corpus_texts_of(row: dict):
+    """The text parts of one row: its messages' text contents, prompt, completion and text."""
+    for c in ("messages", "prompt", "completion", "text"):
+        value = row.get(c)
+        if isinstance(value, str):
+            yield value
+            continue
+        for message in value or []:
+            content = message.get("content")
+            if isinstance(content, str):
+                yield content
+            else:
+                for p in content or []:
+                    if p.get("type") == "text" and p.get("text"):
+                        yield p["text"]
 
 
 def run_init(cfg: InitConfig) -> dict:
