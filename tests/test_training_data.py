@@ -216,6 +216,31 @@ def test_cpt_is_balanced_deterministic_and_seeded():
         assert row["messages"][-1]["role"] == "assistant" and row["messages"][-1]["content"][0]["text"]
 
 
+def test_cpt_copy_tasks_answer_from_their_own_question():
+    from robix_planner import skills
+    from robix_planner.messages import Capabilities
+
+    for i in range(12):
+        quote = cpt.make_row(1, i, "text_quote")["messages"]
+        q, a = quote[0]["content"][0]["text"], quote[1]["content"][0]["text"]
+        assert f'"{a}"' in q
+        left = cpt.make_row(1, i, "text_left")["messages"]
+        q, a = left[0]["content"][0]["text"], left[1]["content"][0]["text"]
+        moved = re.findall(r"The robot put the (.+?) away\.", q)
+        held = re.match(r"(?:On the table|The table held):? (.+?)\. ", q).group(1)
+        names = [n for n in re.split(r", | and ", held)]
+        assert a == cpt._listing([n for n in names if n not in moved])
+        nxt = cpt.make_row(1, i, "text_next")["messages"]
+        q, a = nxt[0]["content"][0]["text"], nxt[1]["content"][0]["text"]
+        objects = re.split(r", | and ", re.match(r"Objects: (.+?)\. Task", q).group(1))
+        done = re.search(r"Already put away: (.+?)\. What", q).group(1)
+        if a != "none: the task is done":
+            caps = Capabilities(robot="t", skills=list(skills.TABLETOP_SKILLS), objects=objects,
+                                receptacles=["bus tub", "trash bin", "basket"])
+            parsed = skills.parse(a, caps)
+            assert parsed.args["object"] in objects and parsed.args["object"] not in re.split(r", | and ", done)
+
+
 def test_cpt_grounding_answers_point_at_the_object():
     for i in range(6):
         row = cpt.make_row(11, i, "ground_box")

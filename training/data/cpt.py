@@ -23,7 +23,15 @@ text_skills         the command for an action, worded exactly as the skill gramm
 text_vocab          where a kind belongs, its category, colours, food and drink facts
 text_paraphrase     a user request (train-split templates only) -> what it asks for
 text_system         the planner's system prompt, then a question about it
+text_quote          "The user said: "..." Quote their words." -> the words (copying from the context)
+text_left           a list of objects on the table and what was put away -> what is left
+text_next           objects, a task and what is done -> the next command, worded as the skill
 ==================  ===========================================================================
+
+The last three are short, text-only and made of what the planner's thoughts do most: copy an
+utterance or an object name from the prompt, and keep track of what is left. A model trained
+from scratch must learn to copy from its context (induction) before it can plan; on the
+planner's long episodes alone robix-tiny had not learned it after 2.6M tokens.
 
 Coordinates are normalised to 0..1000 over the image width and height (Robix's
 convention), integers; a box is the object's drawn pixels (found by rendering it alone),
@@ -47,7 +55,8 @@ from robix_planner.messages import Capabilities
 log = logging.getLogger(__name__)
 
 TASKS = ("ground_point", "ground_box", "refer", "spatial", "count", "affordance", "attribute", "status",
-         "before_after", "next_action", "text_skills", "text_vocab", "text_paraphrase", "text_system")
+         "before_after", "next_action", "text_skills", "text_vocab", "text_paraphrase", "text_system",
+         "text_quote", "text_left", "text_next")
 
 WIDTH_PX, HEIGHT_PX = 160, 120
 
@@ -534,11 +543,69 @@ def _text_system(r: _Row) -> dict:
                  f"{fmt.RESPONSE_START}…{fmt.RESPONSE_END}", system)
 
 
+def _utterance(r: _Row, objs: list[str]) -> str:
+    """A user request in a train-split wording, about ``objs``."""
+    from sim import catalog
+    from sim.spec import Split
+    from sim.templates import Intent, fill, indices_for
+
+    intent = Intent(r.pick(sorted(MEANINGS)))
+    kind = r.pick([k.name for k in catalog.KINDS.values() if not k.named_by_kind])
+    slots = {"object": r.pick(objs), "objects": list(r.rng.choice(objs, size=min(len(objs), 2), replace=False)),
+             "receptacle": r.pick(list(catalog.RECEPTACLES)), "kind": kind, "big": r.pick(list(catalog.RECEPTACLES)),
+             "small": r.pick(objs)}
+    return fill(intent, r.pick(indices_for(intent, Split.TRAIN)), slots)
+
+
+def _listing(names: list[str]) -> str:
+    """Names as the planner's thoughts list them: "a, b and c"."""
+    if not names:
+        return "nothing"
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _text_quote(r: _Row) -> dict:
+    said = _utterance(r, _caps(r).objects)
+    q = r.pick(('The user said: "{u}" Quote their words.', 'I heard "{u}" What exactly did the user say?'))
+    return _text(q.format(u=said), said)
+
+
+def _text_left(r: _Row) -> dict:
+    objs = list(_caps(r).objects)
+    done = [n for n in objs if r.chance(0.4)]
+    left = [n for n in objs if n not in done]
+    moves = " ".join(f"The robot put the {n} away." for n in done) or "Nothing was moved."
+    q = r.pick(("On the table: {o}. {m} What is on the table now?", "The table held {o}. {m} What is left?"))
+    return _text(q.format(o=_listing(objs), m=moves), _listing(left))
+
+
+def _text_next(r: _Row) -> dict:
+    from sim import catalog
+
+    scene = r.scene(1, 8)
+    what = r.pick(("clear", "dishes", "trash"))
+    if what == "clear":
+        task = "clear the table"
+        goal = {o.name: catalog.home_receptacle(o.kind) for o in scene.objects if catalog.home_receptacle(o.kind)}
+    else:
+        task, cat, rec = _CATEGORY_TASKS[0 if what == "dishes" else 1]
+        goal = {o.name: rec for o in scene.objects if catalog.KINDS[o.kind].category.value == cat}
+    names = [o.name for o in scene.objects]
+    done = [n for n in names if n in goal and r.chance(0.4)]
+    pending = [n for n in names if n in goal and n not in done]
+    ans = skills.render(skills.PUT_INTO, object=pending[0], receptacle=goal[pending[0]]) if pending else \
+        "none: the task is done"
+    q = (f"Objects: {_listing(names)}. Task: {task}. Already put away: {_listing(done)}. "
+         "What is the next command?")
+    return _text(q, ans)
+
+
 BUILDERS: dict[str, Callable[[_Row], dict]] = {
     "ground_point": _ground_point, "ground_box": _ground_box, "refer": _refer, "spatial": _spatial,
     "count": _count, "affordance": _affordance, "attribute": _attribute, "status": _status,
     "before_after": _before_after, "next_action": _next_action, "text_skills": _text_skills,
     "text_vocab": _text_vocab, "text_paraphrase": _text_paraphrase, "text_system": _text_system,
+    "text_quote": _text_quote, "text_left": _text_left, "text_next": _text_next,
 }
 assert tuple(BUILDERS) == TASKS
 
