@@ -155,7 +155,7 @@ class HFBackend(Backend):
         self.prefill_chunk_tokens = config.prefill_chunk_tokens
         path = _local_dir(config.path, "model.path", required=True)
         t0 = time.perf_counter()
-        self.processor = _load_processor(path)
+        self.processor = load_processor(path)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.model = _load_model(path, self._dtype, self._device)
         if config.adapter is not None:
@@ -1058,7 +1058,12 @@ def _forward_params(model) -> set:
     return set(inspect.signature(model.forward).parameters)
 
 
-def _load_processor(path: Path):
+def load_processor(path: Path):
+    """The processor of the checkpoint at ``path``, from local files only (robix-tiny registered first).
+
+    Qwen-VL processors whose video processor needs torchvision load with their image processor
+    and tokenizer only. Used by the training stages too, so that training and serving process alike.
+    """
     import robix_planner.models  # noqa: F401 - registers robix-tiny with the Auto classes
     from transformers import AutoProcessor
 
