@@ -102,12 +102,13 @@ def build_tiny_qwen_vl(
     hidden_size: int = 64,
     num_layers: int = 2,
     num_heads: int | None = None,
+    num_kv_heads: int | None = None,
 ) -> Path:
     """Write a tiny random Qwen2.5-VL checkpoint (model, tokenizer, processor) to ``path``.
 
-    ``hidden_size``, ``num_layers`` and ``num_heads`` (default: heads of 16 dims; the head size
-    ``hidden_size // num_heads`` must be a multiple of 8; half as many key/value heads) make it
-    larger for timing runs; the defaults give a 0.7 MB model.
+    ``hidden_size``, ``num_layers``, ``num_heads`` (default: heads of 16 dims; the head size
+    ``hidden_size // num_heads`` must be a multiple of 8) and ``num_kv_heads`` (default: half as
+    many) make it larger for timing runs; the defaults give a 0.7 MB model.
 
     ``init_std`` is larger than a real model's 0.02 so that the random model's next-token logits
     have clear margins: greedy decoding then does not flip on float rounding, which the
@@ -161,7 +162,7 @@ def build_tiny_qwen_vl(
             intermediate_size=2 * hidden_size,
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
-            num_key_value_heads=max(1, num_heads // 2),
+            num_key_value_heads=num_kv_heads or max(1, num_heads // 2),
             max_position_embeddings=4096,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section},
             initializer_range=init_std,
