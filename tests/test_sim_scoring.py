@@ -33,52 +33,48 @@ def test_a_late_stop_fails_the_interrupt_checks():
     assert prompt.run(OraclePlanner(prompt.privileged)).score.success
 
 
-class RepeatsItself:
-    """Sends every successful command a second time."""
+class OracleExcept:
+    """Plans as the oracle does, except where ``twist(obs, seen)`` returns a decision (``seen``: its own notes)."""
 
     needs_images = False
 
-    def __init__(self, runner):
+    def __init__(self, runner, twist):
         self.oracle = OraclePlanner(runner.privileged)
-        self.last = None
+        self.twist = twist
+        self.seen: set = set()
 
     def decide(self, obs):
-        if obs.status is not None and obs.status.state is CommandState.SUCCEEDED and obs.command != self.last and obs.command != "stop":
-            self.last = obs.command
-            return Decision(thought="once more", plan=obs.command)
-        return self.oracle.decide(obs)
+        return self.twist(obs, self.seen) or self.oracle.decide(obs)
+
+
+def repeat_each_success(obs, seen):
+    if obs.status is not None and obs.status.state is CommandState.SUCCEEDED and obs.command not in seen | {"stop"}:
+        seen.add(obs.command)
+        return Decision(thought="once more", plan=obs.command)
+    return None
+
+
+def nonsense_first(obs, seen):
+    if not seen:
+        seen.add("sent")
+        return Decision(thought="try", plan="juggle the plates")
+    return None
 
 
 def test_pointless_repeats_are_counted():
     s = load_scenarios("test", "task_complete")[1]
     runner = EpisodeRunner(s)
-    result = runner.run(RepeatsItself(runner))
+    result = runner.run(OracleExcept(runner, repeat_each_success))
     assert result.score.repeats >= 1
     assert result.score.checks["no_pointless_repeats"] is False
-
-
-class SendsNonsenseFirst:
-    """Sends one command outside the grammar, then plans as the oracle does."""
-
-    needs_images = False
-
-    def __init__(self, runner):
-        self.oracle = OraclePlanner(runner.privileged)
-        self.sent = False
-
-    def decide(self, obs):
-        if not self.sent:
-            self.sent = True
-            return Decision(thought="try", plan="juggle the plates")
-        return self.oracle.decide(obs)
 
 
 def test_commands_the_controller_rejects_are_counted():
     s = load_scenarios("test", "multi_stage")[0]
     clean = EpisodeRunner(s)
-    assert clean.run(OraclePlanner(clean.privileged)).score.rejected == 0
+    assert clean.run(OracleExcept(clean, lambda obs, seen: None)).score.rejected == 0
     runner = EpisodeRunner(s)
-    assert runner.run(SendsNonsenseFirst(runner)).score.rejected == 1
+    assert runner.run(OracleExcept(runner, nonsense_first)).score.rejected == 1
 
 
 def _log(*events):
