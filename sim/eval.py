@@ -62,8 +62,9 @@ class EpisodeRecord(msgspec.Struct, kw_only=True):
     truncated: bool
     failed: list[str] = []
     wall_s: float = 0.0
-    #: Commands the controller rejected (see sim.scoring.Score.rejected).
+    #: Commands the controller rejected (see sim.scoring.Score.rejections), and why.
     rejected: int = 0
+    rejections: list[str] = []
 
 
 class CategorySummary(msgspec.Struct, kw_only=True):
@@ -86,6 +87,7 @@ def record_of(scenario, score, truncated: bool, wall_s: float) -> EpisodeRecord:
         success=score.success, checks=dict(score.checks), repeats=score.repeats, commands=score.commands,
         decisions=score.decisions, sim_time_s=round(score.sim_time_s, 3), truncated=truncated,
         failed=score.failed(), wall_s=round(wall_s, 3), rejected=score.rejected,
+        rejections=list(score.rejections),
     )
 
 

@@ -105,9 +105,14 @@ class Score:
     decisions: int
     sim_time_s: float
     locations: dict[str, str] = field(default_factory=dict)
-    #: Commands the controller refused: outside its grammar or vocabulary, impossible in the world's
-    #: state, or sent while another ran. A planner that validates before dispatch sends none.
-    rejected: int = 0
+    #: Commands the controller refused, each as "command: the controller's reason": outside its grammar
+    #: or vocabulary, impossible in the world's state, or sent while another ran. A planner that
+    #: validates before dispatch sends none of the first kind.
+    rejections: list[str] = field(default_factory=list)
+
+    @property
+    def rejected(self) -> int:
+        return len(self.rejections)
 
     def failed(self) -> list[str]:
         """The predicates not met, described."""
@@ -353,7 +358,7 @@ def score_episode(scenario: Scenario, events: list[Event], final_locations: Opti
         checks=checks,
         repeats=repeats,
         commands=len(lg.cmds),
-        rejected=sum(c.end_state is CommandState.REJECTED for c in lg.cmds),
+        rejections=[f"{c.text}: {events[c.end_idx].detail}" for c in lg.cmds if c.end_state is CommandState.REJECTED],
         decisions=sum(ev.kind is EventKind.DECISION for ev in events),
         sim_time_s=max((ev.t_s for ev in events), default=0.0),
         locations=dict(loc),

@@ -74,7 +74,9 @@ def test_commands_the_controller_rejects_are_counted():
     clean = EpisodeRunner(s)
     assert clean.run(OracleExcept(clean, lambda obs, seen: None)).score.rejected == 0
     runner = EpisodeRunner(s)
-    assert runner.run(OracleExcept(runner, nonsense_first)).score.rejected == 1
+    score = runner.run(OracleExcept(runner, nonsense_first)).score
+    assert score.rejected == 1 and score.rejections[0].startswith("juggle the plates: ")
+    assert len(score.rejections[0]) > len("juggle the plates: ")  # the controller's reason is kept
 
 
 def _log(*events):
