@@ -289,3 +289,37 @@ def build_tiny_llava(path, *, seed: int = 0, init_std: float = 0.3) -> Path:
     model.generation_config.eos_token_id = [tok.convert_tokens_to_ids("<|im_end|>")]
     model.save_pretrained(path)
     return path
+
+
+def cancel_after_forwards(backend, monkeypatch, prompt, k: int, wait_s: float = 10.0):
+    """Run ``backend.generate(prompt)`` and set its cancel from another thread once ``k`` forward calls began.
+
+    Returns ``(forwards, at_cancel, deltas)``: forward calls in all, forward calls begun when the
+    cancel landed, and the streamed text pieces. Raises if the canceller never ran.
+    """
+    import threading
+
+    calls, reached = [], threading.Event()
+    forward = backend.model.forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == k:
+            reached.set()
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(backend.model, "forward", counted)
+    cancel, at_cancel = threading.Event(), []
+
+    def canceller():
+        if reached.wait(wait_s):
+            at_cancel.append(len(calls))
+            cancel.set()
+
+    t = threading.Thread(target=canceller)
+    t.start()
+    deltas = list(backend.generate(prompt, cancel=cancel))
+    t.join(wait_s)
+    if not at_cancel:
+        raise AssertionError(f"the generation ended before {k} forward calls: the canceller never ran")
+    return len(calls), at_cancel[0], deltas

@@ -23,6 +23,7 @@ from helpers_tiny_vlm import (  # noqa: E402
     build_lora_adapter,
     build_tiny_llava,
     build_tiny_qwen_vl,
+    cancel_after_forwards,
     set_eos_tokens,
 )
 
@@ -207,30 +208,9 @@ def test_a_bad_image_is_a_backend_error(tiny_path):
 
 def test_cancel_from_another_thread_stops_within_one_step(tiny_path, monkeypatch):
     b = backend(tiny_path, max_new_tokens=200, prefix_cache=False)
-    calls, reached = [], threading.Event()
     k = 6
-    forward = b.model.forward
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == k:
-            reached.set()
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(b.model, "forward", counted)
-    cancel, at_cancel = threading.Event(), []
-
-    def canceller():
-        assert reached.wait(WAIT_S)
-        at_cancel.append(len(calls))  # forward calls started when the cancel lands
-        cancel.set()
-
-    t = threading.Thread(target=canceller)
-    t.start()
-    deltas = list(b.generate(episode(1), cancel=cancel))
-    t.join(WAIT_S)
-    assert at_cancel, "the canceller never ran"
-    assert len(calls) - at_cancel[0] <= 1  # at most the step in flight finishes
+    forwards, at_cancel, deltas = cancel_after_forwards(b, monkeypatch, episode(1), k=k, wait_s=WAIT_S)
+    assert forwards - at_cancel <= 1  # at most the step in flight finishes
     s = b.last_stats
     assert s.cancelled and s.extra["stop"] == "cancel"
     assert s.new_tokens <= k  # nothing computed after the cancel is emitted

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 np = pytest.importorskip("numpy")
 
+from helpers_tiny_vlm import cancel_after_forwards  # noqa: E402
 from robix_planner import format as fmt  # noqa: E402
 from robix_planner.backends import load_backend  # noqa: E402
 from robix_planner.backends.base import ChatMessage, ImagePart, ModelConfig  # noqa: E402
@@ -382,27 +383,6 @@ def test_hf_backend_prefix_reuse_equals_a_full_recompute(tiny_path):
 
 def test_hf_backend_cancel_stops_within_one_step(tiny_path, monkeypatch):
     b = backend(tiny_path, max_new_tokens=200, prefix_cache=False)
-    calls, reached = [], threading.Event()
-    forward = b.model.forward
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            reached.set()
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(b.model, "forward", counted)
-    cancel, at_cancel = threading.Event(), []
-
-    def canceller():
-        assert reached.wait(WAIT_S)
-        at_cancel.append(len(calls))
-        cancel.set()
-
-    t = threading.Thread(target=canceller)
-    t.start()
-    list(b.generate(episode(1), cancel=cancel))
-    t.join(WAIT_S)
-    assert at_cancel, "the canceller never ran"
-    assert len(calls) - at_cancel[0] <= 1
+    forwards, at_cancel, _ = cancel_after_forwards(b, monkeypatch, episode(1), k=4, wait_s=WAIT_S)
+    assert forwards - at_cancel <= 1
     assert b.last_stats.cancelled and b.last_stats.extra["stop"] == "cancel"

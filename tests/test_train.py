@@ -181,16 +181,6 @@ def work(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def write_config(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -388,7 +378,7 @@ def test_sft_two_processes_loss_falls_and_every_weight_changes(sft_run, cpt_run)
     assert (out / "checkpoint-30").is_dir() and (out / "model" / "chat_template.jinja").is_file()
 
 
-def test_rl_two_processes_filter_then_grpo_prefers_the_acceptable_plan(work, rl_run, sft_run, one_thread):
+def test_rl_two_processes_filter_then_grpo_prefers_the_acceptable_plan(work, rl_run, sft_run, torch_one_thread):
     import datasets
 
     from training.train import load_model, load_processor
@@ -429,7 +419,7 @@ def _sft_config(work, out: Path, **changes):
     return convert(SFTStageConfig, cfg)
 
 
-def test_resume_continues_from_the_last_checkpoint(work, tmp_path, one_thread):
+def test_resume_continues_from_the_last_checkpoint(work, tmp_path, torch_one_thread):
     import shutil
 
     from training.train import run_sft
@@ -453,7 +443,7 @@ def test_resume_continues_from_the_last_checkpoint(work, tmp_path, one_thread):
         run_sft(_sft_config(work, out, resume=False))
 
 
-def test_checkpoint_and_lora_adapter_load_through_auto_classes(work, tmp_path, cpt_run, sft_run, one_thread):
+def test_checkpoint_and_lora_adapter_load_through_auto_classes(work, tmp_path, cpt_run, sft_run, torch_one_thread):
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -490,7 +480,7 @@ def test_checkpoint_and_lora_adapter_load_through_auto_classes(work, tmp_path, c
                             lora={"r": 4, "alpha": 8, "target_modules": ["q_proj"], "save": "adapter"}))
 
 
-def test_all_chains_stages_and_skips_finished_ones(work, tmp_path, capsys, one_thread):
+def test_all_chains_stages_and_skips_finished_ones(work, tmp_path, capsys, torch_one_thread):
     from training.train import AllConfig, convert, read_done, run_all
 
     stage = {"chat_template": str(work / "train.jinja"), "data": {"path": str(work / "sft_data"), "limit": 2},
@@ -537,7 +527,7 @@ def test_completions_keep_format_tags_that_a_tokenizer_marks_special():
     assert wrapped([None], stripped, completion_ids=[ids]) == [1.0]
 
 
-def test_init_builds_robix_tiny_that_sft_trains(work, tmp_path, one_thread):
+def test_init_builds_robix_tiny_that_sft_trains(work, tmp_path, torch_one_thread):
     pytest.importorskip("robix_planner.models")
     from transformers import AutoModelForImageTextToText
 
