@@ -62,8 +62,7 @@ class EpisodeRecord(msgspec.Struct, kw_only=True):
     truncated: bool
     failed: list[str] = []
     wall_s: float = 0.0
-    #: Commands the controller rejected (see sim.scoring.Score.rejections), and why.
-    rejected: int = 0
+    #: Commands the controller rejected, each "command: the controller's reason" (sim.scoring.Score.rejections).
     rejections: list[str] = []
 
 
@@ -86,8 +85,7 @@ def record_of(scenario, score, truncated: bool, wall_s: float) -> EpisodeRecord:
         id=scenario.id, category=scenario.category.value, variant=scenario.variant, progress=score.progress,
         success=score.success, checks=dict(score.checks), repeats=score.repeats, commands=score.commands,
         decisions=score.decisions, sim_time_s=round(score.sim_time_s, 3), truncated=truncated,
-        failed=score.failed(), wall_s=round(wall_s, 3), rejected=score.rejected,
-        rejections=list(score.rejections),
+        failed=score.failed(), wall_s=round(wall_s, 3), rejections=list(score.rejections),
     )
 
 
@@ -173,7 +171,7 @@ def summarize(records: list[EpisodeRecord]) -> dict[str, CategorySummary]:
             n=n, progress=sum(r.progress for r in rs) / n, success=sum(r.success for r in rs) / n, checks=checks,
             repeats=sum(r.repeats for r in rs) / n, decisions=sum(r.decisions for r in rs) / n,
             sim_time_s=sum(r.sim_time_s for r in rs) / n, truncated=sum(r.truncated for r in rs),
-            rejected=sum(r.rejected for r in rs),
+            rejected=sum(len(r.rejections) for r in rs),
         )
     return out
 

@@ -425,13 +425,7 @@ def _mix(ds, sources: list[dict[str, Any]]):
     for i, source in enumerate(sources):
         if "mix" in source:
             raise ConfigError(f"data.mix[{i}]: a mixed-in source cannot mix in more")
-        try:
-            sub = convert(DataConfig, {"split": None, **source}, source=f"data.mix[{i}]")
-        except ConfigError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a strict-config error, reported with its place
-            raise ConfigError(f"data.mix[{i}]: {exc}") from None
-        parts.append(load_rows(sub))
+        parts.append(load_rows(convert(DataConfig, {"split": None, **source}, source=f"data.mix[{i}]")))
     common = [c for c in ds.column_names if all(c in p.column_names for p in parts)]
     if "messages" not in common and not {"prompt", "completion"} <= set(common):
         raise ConfigError(f"data.mix: the sources share only the columns {common}; they need messages "
