@@ -197,7 +197,7 @@ class BenchModel(Backend):
     and is busy (or idle) on every other decision, recording when each generation ran."""
 
     def __init__(self, busy: str, *, chunk_delay_s: float = 0.03, model_path: Optional[str] = None,
-                 prefill_chunk: Optional[int] = None):
+                 prefill_chunk: Optional[int] = None, kv_cache_dtype: str = "model"):
         super().__init__(ModelConfig())
         from robix_planner.backends.scripted import ScriptedBackend
 
@@ -210,7 +210,8 @@ class BenchModel(Backend):
             from robix_planner.backends import load_backend
 
             chunk = {"prefill_chunk_tokens": prefill_chunk} if prefill_chunk else {}
-            self.hf = load_backend(ModelConfig(backend="hf", path=model_path, max_new_tokens=HF_THINK_TOKENS, **chunk))
+            self.hf = load_backend(ModelConfig(backend="hf", path=model_path, max_new_tokens=HF_THINK_TOKENS,
+                                               kv_cache_dtype=kv_cache_dtype, **chunk))
             _decode_to_length(self.hf)
         self.records: list[dict] = []
         self._cv = threading.Condition()
@@ -334,7 +335,8 @@ def _planner_proc(conn, graph_dir: str, scenario: dict) -> None:
         from robix_planner.planner import PlannerConfig, PlannerNode, PlannerSettings
 
         backend = BenchModel(scenario["busy"], chunk_delay_s=scenario["chunk_delay_s"],
-                             model_path=scenario.get("model_path"), prefill_chunk=scenario.get("prefill_chunk"))
+                             model_path=scenario.get("model_path"), prefill_chunk=scenario.get("prefill_chunk"),
+                             kv_cache_dtype=scenario.get("kv_cache_dtype", "model"))
         check = CHECK_PERIOD_S if scenario["busy"] != "idle" else 0.0
         params = PlannerConfig(memory=MemoryConfig(max_images=scenario["max_images"]),
                                planner=PlannerSettings(start_delay_s=0.05, check_period_s=check))
@@ -705,7 +707,8 @@ def _decisions_proc(conn, model_dir: str, spec: dict) -> None:
         # nice=0: the measuring thread keeps its priority, so a stray process of another user slows all
         # rounds alike (the default nice=10 changes nothing on an idle machine; table 1 runs with it).
         backends[reuse] = load_backend(ModelConfig(backend="hf", path=str(path), max_new_tokens=spec["new_tokens"],
-                                                   prefix_cache=reuse, nice=0))
+                                                   prefix_cache=reuse, nice=0,
+                                                   kv_cache_dtype=spec["kv_cache_dtype"]))
         _decode_to_length(backends[reuse])
     attention = _time_attention()
     model = backends[True].model
@@ -923,6 +926,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="sys.setswitchinterval in the planner process (an experiment; default: Python's 5 ms)")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="model.prefill_chunk_tokens in the hf scenario (an experiment; default: ModelConfig's)")
+    p.add_argument("--kv-cache-dtype", default="model",
+                   help="model.kv_cache_dtype of every hf backend here: model (default), bfloat16, auto")
     return p
 
 
@@ -952,7 +957,7 @@ def main(argv=None) -> int:
     try:
         # Table 3 first (and the model for the hf scenario): one heavy process, nothing else running.
         spec = {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
-                "test_model": args.test_model,
+                "test_model": args.test_model, "kv_cache_dtype": args.kv_cache_dtype,
                 "max_images": args.max_images,
                 "new_tokens": args.new_tokens, "repeats": args.repeats, "lengths": [] if args.no_decisions else lengths}
         proc, conn = _spawn(_decisions_proc, str(workdir / "model"), spec)
@@ -974,7 +979,8 @@ def main(argv=None) -> int:
                           for n in SCENARIOS if n in args.scenarios]
             for n, sc in enumerate(scenarios):
                 sc.update(chunk_delay_s=args.chunk_delay_ms / 1000.0, model_path=model_path, max_images=args.max_images,
-                          switch_interval_ms=args.switch_interval_ms, prefill_chunk=args.prefill_chunk)
+                          switch_interval_ms=args.switch_interval_ms, prefill_chunk=args.prefill_chunk,
+                          kv_cache_dtype=args.kv_cache_dtype)
                 res = run_scenario(user, ctrl_conn, graph_dir, sc, args.trials, seed=n)
                 res["scenario"] = sc
                 results[sc["name"]] = res
@@ -984,7 +990,9 @@ def main(argv=None) -> int:
 
         if results:
             experiments = [f"{k} {v}" for k, v in (("switch interval ms", args.switch_interval_ms),
-                                                   ("prefill chunk tokens", args.prefill_chunk)) if v]
+                                                   ("prefill chunk tokens", args.prefill_chunk),
+                                                   ("kv_cache_dtype", args.kv_cache_dtype != "model"
+                                                    and args.kv_cache_dtype)) if v]
             print()
             print("Utterance -> halt (the controller's command callback receives `stop`), over loopback TCP, "
                   "3 processes" + (f" ({', '.join(experiments)})" if experiments else "")
@@ -1008,7 +1016,8 @@ def main(argv=None) -> int:
             print()
             print(f"Decision latency vs history (hf backend, {model}; memory.max_images={args.max_images}, so no "
                   f"image is dropped and the prompt only grows; Memory.prompt + generate of {args.new_tokens} tokens; "
-                  f"model thread at nice 0; median of {args.repeats}):")
+                  f"model thread at nice 0; keys and values cached in {args.kv_cache_dtype}"
+                  f"{' (the model dtype)' if args.kv_cache_dtype == 'model' else ''}; median of {args.repeats}):")
             print()
             print_decision_tables(rows, parts, moved, lengths, lengths[0])
         print()

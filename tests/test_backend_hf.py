@@ -426,6 +426,20 @@ def test_a_cancel_lands_inside_an_attention_call_over_a_cached_prefix(tiny_path)
     assert b.last_stats.cancelled
 
 
+def test_a_cancel_lands_between_the_projections_of_one_mlp(tiny_path):
+    """The longest stretch without a cancel point is one projection: a cancel set while layer 0's
+    MLP computes its first projection stops the forward call before the second."""
+    b = backend(tiny_path, prefix_cache=False, prefill_chunk_tokens=4096)
+    mlp = text_layers(b)[0].mlp
+    ran, cancel = [], threading.Event()
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        getattr(mlp, name).register_forward_hook(lambda m, a, o, name=name: ran.append(name))
+    mlp.gate_proj.register_forward_hook(lambda m, a, o: cancel.set())
+    assert list(b.generate(episode(2), cancel=cancel)) == []
+    assert ran == ["gate_proj"]
+    assert b.last_stats.cancelled and b.last_stats.new_tokens == 0
+
+
 def test_the_cache_is_consistent_after_a_cancelled_prefill_and_decoding_step(tiny_path):
     b = backend(tiny_path, prefill_chunk_tokens=4096, max_new_tokens=12)
     fresh = backend(tiny_path, prefix_cache=False, max_new_tokens=12)
@@ -552,3 +566,46 @@ def test_the_thread_running_the_model_is_lowered_to_nice(tiny_path):
     assert after == before
     with pytest.raises(ConfigError, match="model.nice"):
         backend(tiny_path, nice=20)
+
+
+# ---------------------------------------------------------------------- keys and values in bfloat16
+
+
+def test_keys_and_values_can_be_cached_in_bfloat16_on_cpu(tiny_path):
+    from robix_planner.backends.hf import _new_cache
+
+    cached = backend(tiny_path, kv_cache_dtype="bfloat16", max_new_tokens=12)
+    fresh = backend(tiny_path, kv_cache_dtype="bfloat16", max_new_tokens=12, prefix_cache=False)
+    assert cached.kv_dtype == torch.bfloat16 and backend(tiny_path).kv_dtype is None
+    for steps in (1, 2, 3):  # prefix reuse still answers as a full recompute does
+        prompt = episode(steps)
+        assert run(cached, prompt)[1] == run(fresh, prompt)[1], f"step {steps}"
+    assert cached.last_stats.cached_tokens > 0
+    assert {layer.keys.dtype for layer in cached._cache.layers} == {torch.bfloat16}
+    assert next(cached.model.parameters()).dtype == torch.float32  # only the cache changed
+
+    # The next-token logits stay near the float32 model's (transformers alone, stock attention).
+    inputs = prompt_inputs(cached, episode(3))
+    with torch.no_grad():
+        want = stock_model(tiny_path)(**inputs).logits[0, -1]
+        cache = {cached._cache_kw: _new_cache(cached._hf_config, torch.bfloat16)}
+        got = cached.model(**inputs, **cache).logits[0, -1]
+    assert got.dtype == torch.float32
+    err = (got - want).abs().max().item()
+    assert 0 < err < 0.05 * want.std().item(), err
+
+
+def test_kv_cache_dtype_is_checked(tiny_path, monkeypatch):
+    from robix_planner.backends import hf
+
+    with pytest.raises(ConfigError, match="kv_cache_dtype"):
+        backend(tiny_path, kv_cache_dtype="int8")
+    with pytest.raises(ConfigError, match="CPU attention"):  # e.g. a model on a GPU
+        hf._kv_cache_dtype("bfloat16", torch.float32, cpu_attention=False)
+    assert hf._kv_cache_dtype("bfloat16", torch.bfloat16, cpu_attention=False) is None  # the model's own
+    assert hf._kv_cache_dtype("float32", torch.float32, cpu_attention=True) is None
+    for native, want in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(hf, "_native_bfloat16", lambda: native)
+        assert hf._kv_cache_dtype("auto", torch.float32, cpu_attention=True) is want
+        assert hf._kv_cache_dtype("auto", torch.bfloat16, cpu_attention=True) is None
+        assert hf._kv_cache_dtype("auto", torch.float32, cpu_attention=False) is None

@@ -73,10 +73,17 @@ class ModelConfig(Config):
     #: hf: reuse the KV cache of the unchanged prompt prefix from step to step.
     prefix_cache: bool = True
     #: hf: the longest piece of prompt fed to the model in one forward call (an image is never
-    #: split). On CPU a cancel lands within one attention slice or MLP call of one layer; the
-    #: piece size bounds the MLP call (on a GPU, the whole forward call); smaller pieces cost
+    #: split). On CPU a cancel lands within one attention slice or projection of one layer; the
+    #: piece size bounds a projection (on a GPU, the whole forward call); smaller pieces cost
     #: more forward calls.
     prefill_chunk_tokens: int = 128
+    #: hf: the dtype the cached keys and values are stored, and attention computed, in. "model"
+    #: (default): the model's own, so outputs equal transformers' ``generate``. On CPU, with the
+    #: model in float32: "bfloat16" halves the memory each decoded token reads from the cache and
+    #: speeds up attention over a long history where the CPU has native bfloat16 (AVX512-BF16 or
+    #: AMX); answers can differ where two tokens are nearly tied. "auto": "bfloat16" on such a
+    #: CPU, else "model". "float16" / "float32" are accepted too.
+    kv_cache_dtype: str = "model"
     #: hf (Linux): the nice value (0-19) the thread that runs the model is lowered to when it
     #: runs a generation (never raised back). Above 0, the node's own threads (the bus, a halt,
     #: a cancel) preempt the model at once when CPU cores are scarce; 0 leaves the thread alone.

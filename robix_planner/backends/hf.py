@@ -9,6 +9,7 @@ Loading (nothing is downloaded; every ``from_pretrained`` gets ``local_files_onl
       device: cuda                             # cpu | cuda | cuda:1 | auto
       dtype: bfloat16                          # float32 | bfloat16 | float16 | auto (the checkpoint's)
       prefill_chunk_tokens: 128                # longest piece of prompt fed in one forward call
+      kv_cache_dtype: model                    # CPU: bfloat16 | auto caches keys/values in bfloat16 (faster)
 
 ``AutoProcessor`` + ``AutoModelForImageTextToText`` load the checkpoint. Qwen-VL processors also
 want a video processor, which needs torchvision; when torchvision is missing the processor is
@@ -26,17 +27,17 @@ loop does both.)
 **Cancellation inside the forward pass.** ``cancel`` is checked before and after every forward
 call and also *inside* it: a forward pre-hook on every repeated block of the model (the decoder
 layers and vision blocks that transformers lists in ``_no_split_modules``), on each block's
-direct children (attention, MLP) and on the blocks' neighbours (embeddings, rotary tables,
+children (attention, MLP) and grandchildren (their projections) and on the blocks' neighbours (embeddings, rotary tables,
 merger) raises a private exception once ``cancel`` is set, or once a newer ``generate``
 superseded this one; on CPU the attention of a prefill piece over a cached
 prefix is computed in slices of 32 query rows with the same check between slices (see
 :func:`_cpu_attention`), and the prompt encoding checks between its processor calls. A cancel
-therefore lands within one attention slice or MLP call of one layer, in a decoding step as in a
-prefill. The layers that already ran have appended the interrupted piece's keys and values to
+therefore lands within one attention slice or projection of one layer, in a decoding step as in
+a prefill. The layers that already ran have appended the interrupted piece's keys and values to
 the cache; they are cropped back to the last complete position, so the cache stays consistent
 and the next call reuses everything fed before the interrupted piece. A prompt is prefilled in
 pieces of at most ``prefill_chunk_tokens`` tokens (an image is never split); smaller pieces
-bound an MLP call (and, on a GPU where kernels run ahead of the hooks, a whole forward call)
+bound a projection (and, on a GPU where kernels run ahead of the hooks, a whole forward call)
 at the cost of more forward calls. No token computed after the cancel is yielded.
 
 **The thread that runs the model** is lowered to ``nice`` (Linux, default 10) the first time it
@@ -80,7 +81,7 @@ and in ``extra``: ``process_ms`` (chat template + processor), ``encoding`` ("inc
 "full" | "check"), ``stop`` ("eos" | "length" | "cancel" | "superseded" | "error"), ``images``.
 
 One backend serves one planner: a new :meth:`HFBackend.generate` supersedes a generation that is
-still running (the old one stops within one attention slice or MLP call).
+still running (the old one stops within one attention slice or projection).
 """
 
 from __future__ import annotations
@@ -150,8 +151,10 @@ class HFBackend(Backend):
             raise ConfigError(f"model.prefill_chunk_tokens={config.prefill_chunk_tokens} must be >= 1")
         if not 0 <= config.nice <= 19:
             raise ConfigError(f"model.nice={config.nice} must be between 0 (leave the thread as it is) and 19")
+        if config.kv_cache_dtype not in _KV_DTYPES:
+            raise ConfigError(f"model.kv_cache_dtype={config.kv_cache_dtype!r} is unknown; use one of {list(_KV_DTYPES)}")
         #: Longest piece of prompt fed in one forward call (an image is never split; one larger
-        #: image is fed whole). Bounds how long one layer's attention or MLP call runs.
+        #: image is fed whole). Bounds how long one layer's attention slice or projection runs.
         self.prefill_chunk_tokens = config.prefill_chunk_tokens
         path = _local_dir(config.path, "model.path", required=True)
         t0 = time.perf_counter()
@@ -161,9 +164,10 @@ class HFBackend(Backend):
         if config.adapter is not None:
             self.model = _load_adapter(self.model, _local_dir(config.adapter, "model.adapter", required=True))
         self.model.eval()
-        if self._device.type == "cpu":
-            _use_cpu_attention(self.model)
+        cpu_attention = self._device.type == "cpu" and _use_cpu_attention(self.model)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        #: The dtype cached keys and values are stored in, or None for the model's own.
+        self.kv_dtype = _kv_cache_dtype(config.kv_cache_dtype, _model_dtype(base), cpu_attention)
         self._hf_config = base.config
         params = _forward_params(base)
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -185,11 +189,12 @@ class HFBackend(Backend):
         self._tags: list = []
         self._pos_max: list[int] = []
         log.info(
-            "hf backend: %s%s on %s (%s) loaded in %.1f s; %d cancel points",
+            "hf backend: %s%s on %s (%s%s) loaded in %.1f s; %d cancel points",
             path,
             f" + adapter {config.adapter}" if config.adapter else "",
             self._device,
             config.dtype,
+            f", keys and values cached in {str(self.kv_dtype).removeprefix('torch.')}" if self.kv_dtype else "",
             time.perf_counter() - t0,
             self._cancel_points,
         )
@@ -390,7 +395,7 @@ class HFBackend(Backend):
 
     def _forward(self, ids, position_ids, watch, **kwargs):
         if self._cache is None:
-            self._cache = _new_cache(self._hf_config)
+            self._cache = _new_cache(self._hf_config, self.kv_dtype)
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         if self._keep_logits:
@@ -801,8 +806,18 @@ def _cpu_attention(module, query, key, value, attention_mask, dropout=0.0, scali
       a cancel point between them, since one such call over a long context is the longest
       stretch of a prefill without a hook (the same arithmetic, ~0-10% slower).
 
-    Anything else goes to transformers' own ``sdpa_attention_forward`` unchanged.
+    Anything else goes to transformers' own ``sdpa_attention_forward`` unchanged. Keys and values
+    cached in another dtype (``model.kv_cache_dtype``) are attended to in theirs: the query goes
+    to it and the output comes back to the query's.
     """
+    if key.dtype != query.dtype:
+        dtype = query.dtype
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.to(key.dtype)
+        out, weights = _cpu_attention(
+            module, query.to(key.dtype), key, value, attention_mask, dropout, scaling, is_causal, **kwargs
+        )
+        return out.to(dtype), weights
     groups = getattr(module, "num_key_value_groups", 1)
     if (
         groups > 1
@@ -837,6 +852,38 @@ def _cpu_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     )
 
 
+_KV_DTYPES = ("auto", "model", "float32", "bfloat16", "float16")
+
+
+def _kv_cache_dtype(name: str, model_dtype, cpu_attention: bool):
+    """``model.kv_cache_dtype`` resolved: the dtype to cache keys and values in, or None for the model's."""
+    if name == "model":
+        return None
+    if name == "auto":
+        return torch.bfloat16 if cpu_attention and model_dtype == torch.float32 and _native_bfloat16() else None
+    dtype = _DTYPES[name]
+    if dtype == model_dtype:
+        return None
+    if not cpu_attention:
+        raise ConfigError(
+            f"model.kv_cache_dtype={name} differs from the model's {model_dtype} and needs the CPU attention "
+            "path (model.device cpu and a model on sdpa attention); use 'model' or 'auto'"
+        )
+    return dtype
+
+
+def _native_bfloat16() -> bool:
+    """Whether this CPU does bfloat16 arithmetic natively (AVX512-BF16 or AMX tiles)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes
+        return False
+
+
+def _model_dtype(model):
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def _use_cpu_attention(model) -> bool:
     """Switch a CPU model from ``sdpa`` to :func:`_cpu_attention` (registered with transformers)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -862,8 +909,8 @@ _checkpoint = threading.local()
 
 
 def _install_cancel_hooks(model, hook) -> int:
-    """Put ``hook`` as a forward pre-hook on the model's repeated blocks, their children and their
-    neighbours; return how many modules got it."""
+    """Put ``hook`` as a forward pre-hook on the model's repeated blocks, their children and
+    grandchildren, and their neighbours; return how many modules got it."""
     names: set = set()
     for m in model.modules():
         names.update(getattr(m, "_no_split_modules", None) or ())
@@ -875,7 +922,9 @@ def _install_cancel_hooks(model, hook) -> int:
     points = []
     for block in blocks:
         points.append(block)
-        points.extend(block.children())
+        for child in block.children():  # attention, MLP, norms, and their parts (the projections):
+            points.append(child)  # the longest stretch without a check is one projection's matmul
+            points.extend(child.children())
     # The blocks' neighbours in the module that holds them (embeddings, rotary tables, patch
     # embedding, merger, final norm): cancel points in the work before and after the blocks.
     block_ids = {id(b) for b in blocks}
@@ -942,12 +991,13 @@ def _chunks(start: int, end: int, spans, size: int):
         a = b
 
 
-def _new_cache(config):
-    """A ``DynamicCache`` whose full-attention layers grow in place (see :class:`_GrowingLayer`)."""
+def _new_cache(config, dtype=None):
+    """A ``DynamicCache`` whose full-attention layers grow in place (see :class:`_GrowingLayer`),
+    storing keys and values in ``dtype`` (None: as they come)."""
     cache = transformers.DynamicCache(config=config)
     layers = getattr(cache, "layers", None)
     if layers:
-        cache.layers = [_GrowingLayer() if type(layer) is _DynamicLayer else layer for layer in layers]
+        cache.layers = [_GrowingLayer(dtype) if type(layer) is _DynamicLayer else layer for layer in layers]
     return cache
 
 
@@ -957,13 +1007,20 @@ class _GrowingLayer(_DynamicLayer):
     The stock layer concatenates the whole cache with each new token (a copy that grows with the
     context: about a third of a decoding step on CPU at 4k tokens); here the buffer doubles when
     full and ``keys``/``values`` are views of its filled part, so a step copies only the new token
-    and cropping is a length change.
+    and cropping is a length change. With ``dtype`` set, keys and values are stored (and
+    returned) in it.
     """
 
     _kbuf = _vbuf = None
     _len = 0
 
+    def __init__(self, dtype=None):
+        super().__init__()
+        self._store = dtype
+
     def update(self, key_states, value_states, *args, **kwargs):
+        if self._store is not None:
+            key_states, value_states = key_states.to(self._store), value_states.to(self._store)
         if not self.is_initialized:
             self.device = key_states.device
             self.is_initialized = True
