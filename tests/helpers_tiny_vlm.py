@@ -301,11 +301,15 @@ def cancel_after_forwards(backend, monkeypatch, prompt, k: int, wait_s: float = 
 
     calls, reached = [], threading.Event()
     forward = backend.model.forward
+    # Counting a call and reading the count then cancelling are atomic to each other: otherwise, on a
+    # loaded machine, the generation could run several calls between the canceller's read and its set.
+    lock = threading.Lock()
 
     def counted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == k:
-            reached.set()
+        with lock:
+            calls.append(1)
+            if len(calls) == k:
+                reached.set()
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(backend.model, "forward", counted)
@@ -313,8 +317,9 @@ def cancel_after_forwards(backend, monkeypatch, prompt, k: int, wait_s: float = 
 
     def canceller():
         if reached.wait(wait_s):
-            at_cancel.append(len(calls))
-            cancel.set()
+            with lock:
+                at_cancel.append(len(calls))
+                cancel.set()
 
     t = threading.Thread(target=canceller)
     t.start()

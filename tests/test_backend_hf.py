@@ -213,7 +213,7 @@ def test_cancel_from_another_thread_stops_within_one_step(tiny_path, monkeypatch
     assert forwards - at_cancel <= 1  # at most the step in flight finishes
     s = b.last_stats
     assert s.cancelled and s.extra["stop"] == "cancel"
-    assert s.new_tokens <= k  # nothing computed after the cancel is emitted
+    assert s.new_tokens <= at_cancel  # each token needs a forward call begun before the cancel
     assert len("".join(deltas)) < 200
 
 
