@@ -186,6 +186,19 @@ class _Cmd:
     halted_at: float = 0.0
 
 
+_COMMANDS: tuple = (None, None)  # (Capabilities, its command texts): the last one computed
+
+
+def _commands(caps: Capabilities):
+    """The command texts the controller accepts (computed once per Capabilities message)."""
+    global _COMMANDS
+    last, texts = _COMMANDS
+    if last is not caps:
+        texts = skills.commands(caps)
+        _COMMANDS = (caps, texts)
+    return texts
+
+
 @dataclass
 class _Job:
     """One model call. Executor fields: discarded, committed; the rest is written by the worker."""
@@ -688,7 +701,10 @@ class PlannerNode(Node):
         try:
             if job.cancel.is_set():
                 return
-            stream = self.backend.generate(job.prompt, cancel=job.cancel)
+            if self.backend.accepts_plan_choices:  # decode plans within the controller's grammar
+                stream = self.backend.generate(job.prompt, cancel=job.cancel, plan_choices=_commands(job.caps))
+            else:
+                stream = self.backend.generate(job.prompt, cancel=job.cancel)
             for delta in stream:
                 if "first_token" not in job.timings:
                     job.timings["first_token"] = ms()

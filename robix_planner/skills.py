@@ -10,9 +10,11 @@ into this module, so they cannot disagree.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Optional
 
 from robix_planner.messages import Capabilities, SkillSpec
 
@@ -113,6 +115,30 @@ def parse(text: str, caps: Capabilities) -> ParsedCommand:
         raise GrammarError(f"{text!r} names words outside the vocabulary ({'; '.join(near)}). Known {known}")
     forms = "; ".join(repr(s.template) for s in caps.skills)
     raise GrammarError(f"{text!r} matches no skill. The controller understands: {forms}")
+
+
+#: :func:`commands` gives up (returns None) past this many command texts.
+MAX_COMMANDS = 50_000
+
+
+def commands(caps: Capabilities, limit: int = MAX_COMMANDS) -> Optional[list[str]]:
+    """Every command text that :func:`parse` accepts for ``caps``, in canonical form (each skill with
+    every combination of its arguments from the vocabulary); None when there are more than ``limit``.
+
+    What a backend can constrain a plan to (``model.constrain_plans``).
+    """
+    vocab = {kind: list(dict.fromkeys(normalize(w) for w in getattr(caps, attr))) for kind, attr in ARG_KINDS.items()}
+    out: list[str] = []
+    for spec in caps.skills:
+        names = template_args(spec.template)
+        count = 1
+        for name in names:
+            count *= len(vocab[name])
+        if len(out) + count > limit:
+            return None
+        for values in itertools.product(*(vocab[name] for name in names)):
+            out.append(render(spec, **dict(zip(names, values))))
+    return list(dict.fromkeys(out))
 
 
 def describe(caps: Capabilities) -> str:

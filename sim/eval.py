@@ -461,6 +461,7 @@ def run_offline(steps, backend, progress: bool = True) -> list[StepScore]:
     from tqdm import tqdm
 
     from robix_planner import format as fmt
+    from robix_planner import skills
     from robix_planner.backends.base import BackendError
     from training.data.episodes import capabilities_of, to_prompt
 
@@ -472,7 +473,11 @@ def run_offline(steps, backend, progress: bool = True) -> list[StepScore]:
         prompt = to_prompt(row["prompt"], row["images"])
         error = None
         try:
-            text = "".join(backend.generate(prompt, cancel=threading.Event()))
+            if getattr(backend, "accepts_plan_choices", False):  # as the planner decodes (model.constrain_plans)
+                choices = skills.commands(capabilities_of(row))
+                text = "".join(backend.generate(prompt, cancel=threading.Event(), plan_choices=choices))
+            else:
+                text = "".join(backend.generate(prompt, cancel=threading.Event()))
         except BackendError as exc:
             text, error = "", str(exc) or type(exc).__name__
         sc = score_output(text, acceptable=row["acceptable"], kind=row["kind"], capabilities=capabilities_of(row),

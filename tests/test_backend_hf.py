@@ -609,3 +609,52 @@ def test_kv_cache_dtype_is_checked(tiny_path, monkeypatch):
         assert hf._kv_cache_dtype("auto", torch.float32, cpu_attention=True) is want
         assert hf._kv_cache_dtype("auto", torch.bfloat16, cpu_attention=True) is None
         assert hf._kv_cache_dtype("auto", torch.float32, cpu_attention=False) is None
+
+
+# ---------------------------------------------------------------------- plans constrained to the grammar
+
+
+CHOICES = ["put the red cup into the bus tub", "put the red cup into the basket", "pick up the red cup",
+           "pick up the apple", "stop"]
+
+
+def continued_plan(steps: int = 1) -> list[ChatMessage]:
+    """An episode whose answer is continued right after the plan tag: the model writes the plan."""
+    return episode(steps) + [ChatMessage("assistant", ("<|think_start|>the cup<|think_end|><|plan_start|>",))]
+
+
+def plan_of(text: str) -> str:
+    assert "<|plan_end|>" in text, text
+    return text.split("<|plan_end|>")[0]
+
+
+def test_a_plan_is_decoded_within_the_given_choices(tiny_path):
+    free = backend(tiny_path, max_new_tokens=40)
+    _, text = run(free, continued_plan())
+    assert "<|plan_end|>" not in text or plan_of(text) not in CHOICES  # a random model writes no command
+    for seed, temperature in ((0, 0.0), (1, 1.0), (2, 1.0)):
+        b = backend(tiny_path, max_new_tokens=40, temperature=temperature, seed=seed)
+        deltas = list(b.generate(continued_plan(), cancel=threading.Event(), plan_choices=CHOICES))
+        assert plan_of("".join(deltas)) in CHOICES
+    # Free text again after the plan: the same model, unconstrained, goes on writing.
+    assert len("".join(deltas).split("<|plan_end|>")[1]) > 0
+    off = backend(tiny_path, max_new_tokens=40, constrain_plans=False)
+    assert run(off, continued_plan())[1] == text  # model.constrain_plans: false ignores the choices
+    assert "".join(off.generate(continued_plan(), cancel=threading.Event(), plan_choices=CHOICES)) == text
+
+
+def test_plan_choices_need_single_token_tags(tiny_path, monkeypatch, caplog):
+    from robix_planner.backends import hf
+
+    b = backend(tiny_path)
+    trie, start = hf._plan_trie(b.tokenizer, tuple(CHOICES))
+    assert start == b.tokenizer.convert_tokens_to_ids("<|plan_start|>")
+    end = b.tokenizer.convert_tokens_to_ids("<|plan_end|>")
+    node = trie
+    for t in b.tokenizer.encode("stop", add_special_tokens=False):
+        node = node[t]
+    assert node == {end: {}}
+    monkeypatch.setattr(hf.fmt, "PLAN_START", "<plan>")  # a tag the tokenizer splits
+    with caplog.at_level("WARNING"):
+        assert hf._plan_trie(b.tokenizer, tuple(CHOICES)) is None
+    assert "not one token" in caplog.text

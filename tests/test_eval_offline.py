@@ -48,6 +48,26 @@ def test_nonsense_scores_zero_with_every_step_a_parse_failure(steps):
     assert s["refusal"].f1 == 0.0 and s["replan"].f1 == 0.0
 
 
+def test_a_backend_that_constrains_plans_gets_each_scenes_commands(steps):
+    from robix_planner import skills
+    from robix_planner.backends.scripted import ScriptedBackend
+    from training.data.episodes import capabilities_of
+
+    class Choosing(ScriptedBackend):
+        accepts_plan_choices = True
+        seen: list = []
+
+        def generate(self, prompt, *, cancel, plan_choices=None):
+            self.seen.append(plan_choices)
+            yield from super().generate(prompt, cancel=cancel)
+
+    backend = Choosing(reference(steps))
+    run_offline(steps, backend, progress=False)
+    scored = [r for r in steps if r["kind"] != "stop_phrase"]
+    assert backend.seen == [skills.commands(capabilities_of(r)) for r in scored]
+    assert len({tuple(c) for c in backend.seen}) > 1  # scenes differ, and so do their commands
+
+
 def test_a_plan_counts_if_it_means_an_acceptable_command():
     ok = ["put the red cup into the bus tub", "put the fork into the bus tub"]
     step = fmt.StepInput()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -278,3 +280,21 @@ def test_build_prompt_alternates_turns_and_shows_images_only_from_the_horizon():
     assert fmt.last_user_turn(prompt).utterances == ("now",)
     assert [s.output.thought for s in fmt.read_history(prompt)] == ["t0", "t1", "t2"]
     assert [s.input.utterances for s in fmt.read_history(prompt)] == [("u0",), ("u1",), ("u2",)]
+
+
+def test_commands_lists_exactly_what_the_grammar_accepts():
+    caps = Capabilities(robot="test", skills=list(skills.ALL_SKILLS), objects=["Red Cup", "fork", "red cup"],
+                        receptacles=["bus tub", "basket"])
+    texts = skills.commands(caps)
+    assert len(texts) == len(set(texts)) == 2 * 2 + 2 + 2 + 2 * 3 + 1  # put, pick, place, navigate/open/close, stop
+    assert "put the red cup into the basket" in texts and "stop" in texts
+    assert all(skills.parse(t, caps).text == t for t in texts)  # each parses, in canonical form
+    # and nothing else of the grammar's shape does: every (skill, arguments) pair is listed
+    assert {(p.skill, tuple(p.args.items())) for p in map(lambda t: skills.parse(t, caps), texts)} == {
+        (s.name, tuple(zip(skills.template_args(s.template), v)))
+        for s in caps.skills
+        for v in itertools.product(
+            *(["red cup", "fork"] if a == "object" else ["bus tub", "basket"] for a in skills.template_args(s.template)))
+    }
+    assert skills.commands(caps, limit=len(texts)) == texts
+    assert skills.commands(caps, limit=len(texts) - 1) is None  # too many to list: no constraint

@@ -224,6 +224,29 @@ def test_an_invalid_plan_is_never_sent_retried_once_with_the_error_then_the_user
     assert step.input.notes == (note,)
 
 
+class Choosing(Recording):
+    """A backend that constrains plans: records the choices it is given."""
+
+    accepts_plan_choices = True
+
+    def __init__(self, respond: Callable):
+        super().__init__(respond)
+        self.choices: list = []
+
+    def generate(self, prompt, *, cancel, plan_choices=None):
+        self.choices.append(plan_choices)
+        yield from super().generate(prompt, cancel=cancel)
+
+
+def test_a_backend_that_constrains_plans_gets_every_command_of_the_controller(rig):
+    r = rig(backend=Choosing(lambda prompt: out("Picking up the cup.", PUT_CUP) if current(prompt).utterances
+                             else out("Nothing to do.")))
+    r.say("Please put the red cup away.")
+    r.commands.wait_for(lambda c: c.text == PUT_CUP)
+    assert r.backend.choices and all(c == skills.commands(CAPS) for c in r.backend.choices)
+    assert len(r.backend.choices[0]) == 3 * 2 + 3 + 3 + 1  # put (3 objects x 2 receptacles), pick, place, stop
+
+
 def test_a_malformed_output_is_retried_with_the_error_in_context(rig):
     answers = iter(['{"thought": "cup", "plan": "put the red cup into the bus tub"}',
                     out("The red cup is there.", PUT_CUP)])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Optional, Union
+from typing import ClassVar, Iterator, Literal, Optional, Union
 
 from robix_planner.config import Config
 
@@ -84,6 +84,11 @@ class ModelConfig(Config):
     #: AMX); answers can differ where two tokens are nearly tied. "auto": "bfloat16" on such a
     #: CPU, else "model". "float16" / "float32" are accepted too.
     kv_cache_dtype: str = "model"
+    #: hf: when the caller passes the controller's commands (the planner and ``robix eval offline``
+    #: do), decode the text between ``<|plan_start|>`` and ``<|plan_end|>`` constrained to them, so
+    #: that a plan is always a command the controller understands. Needs both tags to be single
+    #: tokens of the tokenizer (robix-tiny's are; a checkpoint fine-tuned with our data gets them).
+    constrain_plans: bool = True
     #: hf (Linux): the nice value (0-19) the thread that runs the model is lowered to when it
     #: runs a generation (never raised back). Above 0, the node's own threads (the bus, a halt,
     #: a cancel) preempt the model at once when CPU cores are scarce; 0 leaves the thread alone.
@@ -126,6 +131,12 @@ class GenerationStats:
 class Backend(abc.ABC):
     """A model that streams text for a prompt and can be cancelled mid-generation."""
 
+    #: True when :meth:`generate` takes ``plan_choices``: the command texts a plan may be (the
+    #: controller's grammar and vocabulary, :func:`robix_planner.skills.commands`). Such a backend
+    #: may constrain its decoding so that whatever it writes between ``<|plan_start|>`` and
+    #: ``<|plan_end|>`` is one of them. Callers pass the keyword only to backends that set this.
+    accepts_plan_choices: ClassVar[bool] = False
+
     def __init__(self, config: ModelConfig):
         self.config = config
         self.last_stats = GenerationStats()
@@ -133,6 +144,8 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def generate(self, prompt: Prompt, *, cancel: threading.Event) -> Iterator[str]:
         """Yield text deltas. Stop within one decoding step once ``cancel`` is set.
+
+        A backend with :attr:`accepts_plan_choices` also takes ``plan_choices: Sequence[str] | None``.
 
         Sets :attr:`last_stats`. Raises :class:`BackendError` when the model cannot answer.
         """

@@ -97,7 +97,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional, Sequence
 
 from robix_planner import format as fmt
 from robix_planner.backends.base import (
@@ -134,6 +134,8 @@ class _Cancelled(Exception):
 
 class HFBackend(Backend):
     """A local transformers VLM behind the :class:`Backend` interface."""
+
+    accepts_plan_choices = True
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
@@ -188,6 +190,7 @@ class HFBackend(Backend):
         self._cache = None
         self._tags: list = []
         self._pos_max: list[int] = []
+        self._tries: dict = {}  # plan choices -> their token trie (a few recent vocabularies)
         log.info(
             "hf backend: %s%s on %s (%s%s) loaded in %.1f s; %d cancel points",
             path,
@@ -201,13 +204,17 @@ class HFBackend(Backend):
 
     # ------------------------------------------------------------------ public API
 
-    def generate(self, prompt: Prompt, *, cancel: threading.Event) -> Iterator[str]:
+    def generate(self, prompt: Prompt, *, cancel: threading.Event,
+                 plan_choices: Optional[Sequence[str]] = None) -> Iterator[str]:
+        """See :meth:`Backend.generate`. With ``plan_choices`` (and ``model.constrain_plans``), what
+        the model writes between ``<|plan_start|>`` and ``<|plan_end|>`` is one of them."""
         with self._lock:
             self._epoch += 1
             epoch = self._epoch
         stats = GenerationStats()
         self.last_stats = stats
-        return self._generate(prompt, cancel, epoch, stats)
+        guide = self._plan_guide(plan_choices) if plan_choices and self.config.constrain_plans else None
+        return self._generate(prompt, cancel, epoch, stats, guide)
 
     def close(self) -> None:
         with self._lock:
@@ -224,7 +231,8 @@ class HFBackend(Backend):
 
     # ------------------------------------------------------------------ generation
 
-    def _generate(self, prompt: Prompt, cancel: threading.Event, epoch: int, stats: GenerationStats):
+    def _generate(self, prompt: Prompt, cancel: threading.Event, epoch: int, stats: GenerationStats,
+                  guide: Optional["_PlanGuide"] = None):
         cfg = self.config
         if self.model is None:
             raise BackendError("the hf backend was closed")
@@ -246,6 +254,8 @@ class HFBackend(Backend):
                 stats.extra["process_ms"] = _ms(t0)
             n = len(enc.ids)
             stats.prompt_tokens = n
+            if guide is not None and n:  # a continued answer may end inside a plan
+                guide.push(enc.ids[-1])
             stats.extra.update(images=enc.n_images, encoding=enc.mode)
             detok = _Detokenizer(self.tokenizer)
             # ---- prefill (only the part of the prompt not already cached)
@@ -277,7 +287,9 @@ class HFBackend(Backend):
             t2 = time.perf_counter()
             try:
                 while True:
-                    next_id = self._select(logits)
+                    next_id = self._select(logits, guide.allowed() if guide is not None else None)
+                    if guide is not None:
+                        guide.push(next_id)
                     if next_id in self._stop_ids:
                         stop = "eos"
                         break
@@ -441,8 +453,23 @@ class HFBackend(Backend):
             log.warning("cannot crop the KV cache after a cancel (%s); the next call recomputes the prompt", exc)
             self._drop_cache()
 
-    def _select(self, logits) -> int:
+    def _plan_guide(self, choices: Sequence[str]) -> Optional["_PlanGuide"]:
+        """A guide for one generation over the token trie of ``choices`` (None: cannot constrain)."""
+        key = tuple(choices)
+        if key not in self._tries:
+            if len(self._tries) >= 8:
+                self._tries.pop(next(iter(self._tries)))
+            self._tries[key] = _plan_trie(self.tokenizer, key)
+        trie = self._tries[key]
+        return None if trie is None else _PlanGuide(*trie)
+
+    def _select(self, logits, allowed: Optional[list[int]] = None) -> int:
         cfg = self.config
+        if allowed is not None:  # only these tokens may come next (a plan being written)
+            idx = torch.as_tensor(allowed, device=logits.device)
+            masked = torch.full_like(logits, float("-inf"))
+            masked[..., idx] = logits[..., idx]
+            logits = masked
         if cfg.temperature == 0:
             return int(torch.argmax(logits))
         probs = torch.softmax(logits / cfg.temperature, dim=-1)
@@ -457,6 +484,62 @@ class HFBackend(Backend):
         self._cache = None
         self._tags = []
         self._pos_max = []
+
+
+# ---------------------------------------------------------------------- constrained plans
+
+
+def _plan_trie(tokenizer, choices: tuple[str, ...]):
+    """``(trie, start_id)`` for :class:`_PlanGuide`, or None when the tags are not single tokens.
+
+    The trie maps token ids to subtrees: each choice as the tokenizer writes it alone (the text
+    after a special token is tokenised on its own), then the ``<|plan_end|>`` token, whose subtree
+    is empty. A choice whose tokens do not decode back to it is left out.
+    """
+    ids = {}
+    for tag in (fmt.PLAN_START, fmt.PLAN_END):
+        enc = tokenizer.encode(tag, add_special_tokens=False)
+        if len(enc) != 1:
+            log.warning("model.constrain_plans: %s is not one token of this tokenizer; plans are not constrained", tag)
+            return None
+        ids[tag] = enc[0]
+    trie: dict = {}
+    kept = 0
+    for text in choices:
+        toks = tokenizer.encode(text, add_special_tokens=False)
+        if not toks or tokenizer.decode(toks, skip_special_tokens=False, clean_up_tokenization_spaces=False) != text:
+            log.debug("model.constrain_plans: %r does not round-trip through the tokenizer; left out", text)
+            continue
+        node = trie
+        for t in toks:
+            node = node.setdefault(t, {})
+        node.setdefault(ids[fmt.PLAN_END], {})
+        kept += 1
+    if not kept:
+        log.warning("model.constrain_plans: none of the %d commands round-trips through the tokenizer; plans "
+                    "are not constrained", len(choices))
+        return None
+    return trie, ids[fmt.PLAN_START]
+
+
+class _PlanGuide:
+    """Follows one generation: free text, until ``<|plan_start|>``; then only tokens that continue
+    one of the choices, up to ``<|plan_end|>``; then free again."""
+
+    def __init__(self, trie: dict, start_id: int):
+        self._trie, self._start = trie, start_id
+        self._node: Optional[dict] = None  # None: outside a plan
+
+    def allowed(self) -> Optional[list[int]]:
+        return None if self._node is None else list(self._node)
+
+    def push(self, token_id: int) -> None:
+        """Follow one token (generated, or the prompt's last)."""
+        if self._node is None:
+            if token_id == self._start:
+                self._node = self._trie
+        else:
+            self._node = self._node.get(token_id) or None  # the end tag's empty subtree: out of the plan
 
 
 # ---------------------------------------------------------------------- prompt encoding
