@@ -64,6 +64,7 @@ from typing import Any, Callable, Optional
 
 from robix_planner import format as fmt
 from robix_planner import skills, topics
+from robix_planner.backends import base as backends_base
 from robix_planner.backends.base import Backend, BackendError, ImagePart, ModelConfig
 from robix_planner.config import Config, ConfigError
 from robix_planner.controller import CAPABILITIES_TOPIC, CommandClient
@@ -186,19 +187,6 @@ class _Cmd:
     halted_at: float = 0.0
 
 
-_COMMANDS: tuple = (None, None)  # (Capabilities, its command texts): the last one computed
-
-
-def _commands(caps: Capabilities):
-    """The command texts the controller accepts (computed once per Capabilities message)."""
-    global _COMMANDS
-    last, texts = _COMMANDS
-    if last is not caps:
-        texts = skills.commands(caps)
-        _COMMANDS = (caps, texts)
-    return texts
-
-
 @dataclass
 class _Job:
     """One model call. Executor fields: discarded, committed; the rest is written by the worker."""
@@ -208,6 +196,7 @@ class _Job:
     step: fmt.StepInput
     prompt: list
     caps: Capabilities
+    plan_choices: Optional[list[str]]  # the controller's commands, for a backend that constrains plans
     attempt: int
     upto: int  # pending items up to this sequence number are in the prompt
     halt_ms: Optional[float]
@@ -255,6 +244,7 @@ class PlannerNode(Node):
         self._stop_phrases = {normalize_phrase(p) for p in s.stop_phrases}
         # State, touched only on the executor thread (the worker reads jobs it was given).
         self.caps: Optional[Capabilities] = None
+        self._choices: tuple = (None, None)  # (skills, objects, receptacles) -> skills.commands of them
         self.session: Optional[str] = None
         self.holding: Optional[str] = None  # fmt.EMPTY: nothing; None: unknown
         self._frames: dict[str, Image] = {}
@@ -326,6 +316,16 @@ class PlannerNode(Node):
         if first:
             self._schedule_start()
         self._start_job()
+
+    def _plan_choices(self, caps: Capabilities) -> Optional[list[str]]:
+        """Every command ``caps`` accepts, for a backend that constrains plans; listed again only when
+        the grammar or vocabulary changed (controllers re-publish their Capabilities periodically)."""
+        if not self.backend.accepts_plan_choices:
+            return None
+        key = (caps.skills, caps.objects, caps.receptacles)
+        if self._choices[0] != key:
+            self._choices = (key, skills.commands(caps))
+        return self._choices[1]
 
     def _on_session(self, msg: SessionStart) -> None:
         self.log.info("session %s starts: memory cleared", msg.session)
@@ -594,7 +594,8 @@ class PlannerNode(Node):
             self.log.exception("cannot build the prompt")
             self._publish_step(trigger, None, error=f"cannot build the prompt: {exc}")
             return
-        job = _Job(id=next(self._job_ids), trigger=trigger, step=step, prompt=prompt, caps=self.caps, attempt=attempt,
+        job = _Job(id=next(self._job_ids), trigger=trigger, step=step, prompt=prompt, caps=self.caps,
+                   plan_choices=self._plan_choices(self.caps), attempt=attempt,
                    upto=self._pending[-1][0] if self._pending else 0, halt_ms=self._halt_ms)
         self._halt_ms = None
         self._job = job
@@ -701,10 +702,7 @@ class PlannerNode(Node):
         try:
             if job.cancel.is_set():
                 return
-            if self.backend.accepts_plan_choices:  # decode plans within the controller's grammar
-                stream = self.backend.generate(job.prompt, cancel=job.cancel, plan_choices=_commands(job.caps))
-            else:
-                stream = self.backend.generate(job.prompt, cancel=job.cancel)
+            stream = backends_base.stream(self.backend, job.prompt, cancel=job.cancel, plan_choices=job.plan_choices)
             for delta in stream:
                 if "first_token" not in job.timings:
                     job.timings["first_token"] = ms()

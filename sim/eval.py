@@ -462,7 +462,7 @@ def run_offline(steps, backend, progress: bool = True) -> list[StepScore]:
 
     from robix_planner import format as fmt
     from robix_planner import skills
-    from robix_planner.backends.base import BackendError
+    from robix_planner.backends.base import BackendError, stream
     from training.data.episodes import capabilities_of, to_prompt
 
     scores = []
@@ -471,16 +471,13 @@ def run_offline(steps, backend, progress: bool = True) -> list[StepScore]:
         if row["kind"] == "stop_phrase":
             continue
         prompt = to_prompt(row["prompt"], row["images"])
+        caps = capabilities_of(row)
         error = None
-        try:
-            if getattr(backend, "accepts_plan_choices", False):  # as the planner decodes (model.constrain_plans)
-                choices = skills.commands(capabilities_of(row))
-                text = "".join(backend.generate(prompt, cancel=threading.Event(), plan_choices=choices))
-            else:
-                text = "".join(backend.generate(prompt, cancel=threading.Event()))
+        try:  # plans decoded as the planner has them decoded (model.constrain_plans)
+            text = "".join(stream(backend, prompt, cancel=threading.Event(), plan_choices=skills.commands(caps)))
         except BackendError as exc:
             text, error = "", str(exc) or type(exc).__name__
-        sc = score_output(text, acceptable=row["acceptable"], kind=row["kind"], capabilities=capabilities_of(row),
+        sc = score_output(text, acceptable=row["acceptable"], kind=row["kind"], capabilities=caps,
                           step_input=fmt.last_user_turn(prompt), scenario_id=row["scenario_id"],
                           category=row["category"], step=row["step"])
         sc.backend_error = error

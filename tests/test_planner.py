@@ -244,6 +244,8 @@ def test_a_backend_that_constrains_plans_gets_every_command_of_the_controller(ri
     r.say("Please put the red cup away.")
     r.commands.wait_for(lambda c: c.text == PUT_CUP)
     assert r.backend.choices and all(c == skills.commands(CAPS) for c in r.backend.choices)
+    # Listed once: the controller re-publishes the same Capabilities every 0.2 s.
+    assert all(c is r.backend.choices[0] for c in r.backend.choices)
     assert len(r.backend.choices[0]) == 3 * 2 + 3 + 3 + 1  # put (3 objects x 2 receptacles), pick, place, stop
 
 

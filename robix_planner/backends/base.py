@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import threading
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterator, Literal, Optional, Union
+from typing import ClassVar, Iterator, Literal, Optional, Sequence, Union
 
 from robix_planner.config import Config
 
@@ -152,3 +152,12 @@ class Backend(abc.ABC):
 
     def close(self) -> None:
         """Release the model or connection."""
+
+
+def stream(backend: Backend, prompt: Prompt, *, cancel: threading.Event,
+           plan_choices: Optional[Sequence[str]] = None) -> Iterator[str]:
+    """``backend.generate(prompt, cancel=cancel)``, with ``plan_choices`` passed on only to a backend
+    that takes them (:attr:`Backend.accepts_plan_choices`)."""
+    if plan_choices is not None and getattr(backend, "accepts_plan_choices", False):
+        return backend.generate(prompt, cancel=cancel, plan_choices=plan_choices)
+    return backend.generate(prompt, cancel=cancel)

@@ -169,7 +169,7 @@ class HFBackend(Backend):
         cpu_attention = self._device.type == "cpu" and _use_cpu_attention(self.model)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         #: The dtype cached keys and values are stored in, or None for the model's own.
-        self.kv_dtype = _kv_cache_dtype(config.kv_cache_dtype, _model_dtype(base), cpu_attention)
+        self.kv_dtype = _kv_cache_dtype(config.kv_cache_dtype, base.dtype, cpu_attention)
         self._hf_config = base.config
         params = _forward_params(base)
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -961,10 +961,6 @@ def _native_bfloat16() -> bool:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # a torch without these probes
         return False
-
-
-def _model_dtype(model):
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _use_cpu_attention(model) -> bool:
