@@ -31,7 +31,7 @@ from robix_planner.messages import CommandState, CommandStatus
 from sim import catalog
 from sim.catalog import Category
 from sim.spec import TABLE, Scenario, Turn
-from sim.templates import Intent, join_objects
+from sim.templates import Intent, join_names, join_objects
 
 if TYPE_CHECKING:  # pragma: no cover
     from sim.controller import SimController
@@ -76,12 +76,6 @@ def _put(obj: str, receptacle: str) -> str:
 
 def _place_back(obj: str) -> str:
     return skills.render(skills.PLACE_BACK, object=obj)
-
-
-def _join(names: list[str], conj: str = "and") -> str:
-    if len(names) <= 1:
-        return "".join(names)
-    return ", ".join(names[:-1]) + f" {conj} " + names[-1]
 
 
 class OraclePlanner:
@@ -137,7 +131,7 @@ class OraclePlanner:
         if not names:
             return f"The table is empty; {grip}."
         shown = names[:5] + ([f"{len(names) - 5} more"] if len(names) > 5 else [])
-        return f"On the table: {_join(shown)}; {grip}."
+        return f"On the table: {join_names(shown)}; {grip}."
 
     def _reflect(self, st: CommandStatus, cmd: str) -> None:
         if cmd == "stop":
@@ -289,7 +283,7 @@ class OraclePlanner:
             keep = self._on_table(lambda k: k.category is Category.PERSONAL)
             self.task, reply = "clear the table", "Sure, I'll clear the table."
             if keep:
-                self.notes.append(f"personal items ({_join(keep)}) stay")
+                self.notes.append(f"personal items ({join_names(keep)}) stay")
         elif intent is Intent.CLEAR_DISHES:
             goals = {n: catalog.BUS_TUB for n in self._on_table(lambda k: k.category is Category.DISHWARE)}
             self.task, reply = "put the dishes into the bus tub", "Sure, I'll put the dishes into the bus tub."
@@ -326,11 +320,11 @@ class OraclePlanner:
         elif intent is Intent.NUT_ALLERGY:
             nuts = self._on_table(lambda k: k.edible and k.nuts)
             safe = self._on_table(lambda k: k.edible and not k.nuts)
-            why = f"Contain nuts: {_join(nuts)}; no nuts: {_join(safe) or 'nothing else'}."
+            why = f"Contain nuts: {join_names(nuts)}; no nuts: {join_names(safe) or 'nothing else'}."
             goals = {n: catalog.TRASH_BIN for n in nuts}
             keep = safe
             self.task = "throw away everything with nuts"
-            reply = f"Of course. The {_join(nuts)} {'has' if len(nuts) == 1 else 'have'} nuts, so I'll throw {'it' if len(nuts) == 1 else 'them'} away."
+            reply = f"Of course. The {join_names(nuts)} {'has' if len(nuts) == 1 else 'have'} nuts, so I'll throw {'it' if len(nuts) == 1 else 'them'} away."
             self.notes.append("only food with nuts goes")
         elif intent is Intent.MOST_CALORIES:
             foods = self._on_table(lambda k: k.category is Category.FOOD)
@@ -344,11 +338,11 @@ class OraclePlanner:
         elif intent is Intent.NO_CAFFEINE:
             caf = self._on_table(lambda k: k.edible and k.caffeine_mg > 0)
             free = self._on_table(lambda k: k.edible and k.caffeine_mg == 0)
-            why = f"Contain caffeine: {_join(caf)}; caffeine-free: {_join(free) or 'nothing else'}."
+            why = f"Contain caffeine: {join_names(caf)}; caffeine-free: {join_names(free) or 'nothing else'}."
             goals = {n: catalog.TRASH_BIN for n in caf}
             keep = free
             self.task = "throw away everything with caffeine"
-            reply = f"Sure. The {_join(caf)} {'has' if len(caf) == 1 else 'have'} caffeine, so I'll throw {'it' if len(caf) == 1 else 'them'} away."
+            reply = f"Sure. The {join_names(caf)} {'has' if len(caf) == 1 else 'have'} caffeine, so I'll throw {'it' if len(caf) == 1 else 'them'} away."
             self.notes.append("only things with caffeine go")
         elif intent is Intent.PUT_KIND_AWAY:
             kind = str(slots["kind"])
@@ -356,8 +350,8 @@ class OraclePlanner:
             cands = self._on_table(lambda k: k.name == kind)
             if len(cands) > 1:
                 self.awaiting = ("which", (cands, rec))
-                self._thought.append(f"{said}, but there are {len(cands)} {kind}s ({_join(cands)}); I must ask which one before moving.")
-                self._reply.append(f"There are {len(cands)} {kind}s here. Which {kind} do you mean: {_join([f'the {c}' for c in cands], 'or')}?")
+                self._thought.append(f"{said}, but there are {len(cands)} {kind}s ({join_names(cands)}); I must ask which one before moving.")
+                self._reply.append(f"There are {len(cands)} {kind}s here. Which {kind} do you mean: {join_names([f'the {c}' for c in cands], 'or')}?")
                 return False
             if not cands:
                 return self._refuse(said, f"there is no {kind} on the table", f"Sorry, I don't see a {kind} on the table. Is there anything else I can do?")
@@ -368,12 +362,12 @@ class OraclePlanner:
             rec = str(slots["receptacle"])
             missing = [n for n in names if n not in self.world.objects or self.world.location(n) != TABLE]
             if missing:
-                return self._refuse(said, f"{_join(missing)} not on the table", f"Sorry, I don't see the {_join(missing)} on the table. Is there anything else I can do?")
+                return self._refuse(said, f"{join_names(missing)} not on the table", f"Sorry, I don't see the {join_names(missing)} on the table. Is there anything else I can do?")
             goals = {n: rec for n in names}
             if len(names) > 1:
                 self.listed = (names, rec)
             self.task = f"put {join_objects(names)} into the {rec}"
-            reply = f"Sure, I'll put the {_join(names)} into the {rec}." if len(names) <= 2 else f"Sure, I'll put those {len(names)} items into the {rec}."
+            reply = f"Sure, I'll put the {join_names(names)} into the {rec}." if len(names) <= 2 else f"Sure, I'll put those {len(names)} items into the {rec}."
         else:  # pragma: no cover - _INSTRUCTIONS and this chain must agree
             raise ValueError(f"no instruction rule for {intent!r}")
         self.goals.update(goals)
@@ -416,7 +410,7 @@ class OraclePlanner:
         parts = list(self.notes)
         told = [k for k in sorted(self.keep) if not any(k in n for n in self.notes)]
         if told:
-            parts.append(f"do not take the {_join(told)}")
+            parts.append(f"do not take the {join_names(told)}")
         return ("Constraints: " + "; ".join(parts) + ".") if parts else ""
 
     def _pending(self, obj: str) -> bool:
@@ -469,7 +463,7 @@ class OraclePlanner:
         self.task_active = False
         left = sorted(self.given_up)
         self._thought.append("The task is complete; I say so and ask if anything else is needed.")
-        done = "All done" + (f", except the {_join(left)}, which I left for you" if left else "") + "."
+        done = "All done" + (f", except the {join_names(left)}, which I left for you" if left else "") + "."
         self._reply.append(f"{done} Is there anything else I can help with?")
 
     def _forgotten(self) -> Optional[tuple[str, str]]:

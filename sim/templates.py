@@ -257,12 +257,16 @@ def indices_for(intent: Intent, split: Split) -> list[int]:
     return [i for i in range(len(TEMPLATES[intent])) if split_of(intent, i) is split]
 
 
+def join_names(names: list[str], conj: str = "and") -> str:
+    """``["a", "b", "c"]`` -> ``"a, b and c"`` (``""`` for none): lists in utterances, thoughts and replies."""
+    if len(names) <= 1:
+        return "".join(names)
+    return ", ".join(names[:-1]) + f" {conj} " + names[-1]
+
+
 def join_objects(names: list[str]) -> str:
     """``["red cup", "fork"]`` -> ``"the red cup and the fork"``."""
-    parts = [f"the {n}" for n in names]
-    if len(parts) == 1:
-        return parts[0]
-    return ", ".join(parts[:-1]) + " and " + parts[-1]
+    return join_names([f"the {n}" for n in names])
 
 
 _SLOT = re.compile(r"\{(\w+)\}")

@@ -73,10 +73,9 @@ def features():
 
 
 def _names(names: list[str]) -> str:
-    parts = [f"the {n}" for n in names]
-    if not parts:
-        return "none"
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    from sim.templates import join_objects
+
+    return join_objects(names) or "none"
 
 
 class _Row:
@@ -559,9 +558,9 @@ def _utterance(r: _Row, objs: list[str]) -> str:
 
 def _listing(names: list[str]) -> str:
     """Names as the planner's thoughts list them: "a, b and c"."""
-    if not names:
-        return "nothing"
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    from sim.templates import join_names
+
+    return join_names(names) or "nothing"
 
 
 def _text_quote(r: _Row) -> dict:
