@@ -342,6 +342,30 @@ def test_an_utterance_while_acting_halts_at_once_cancels_the_generation_and_repl
     assert len(r.commands.values(lambda c: c.skill == "stop")) == 1
 
 
+@pytest.mark.parametrize("utterance", ["Wait, I still need that!", "stop"])
+def test_the_generation_is_cancelled_before_the_halt_and_the_flush_are_published(rig, utterance):
+    # Publishing can wait for the interpreter while the model thread computes: the cancel must not wait behind it.
+    def respond(prompt):
+        if current(prompt).utterances == ("Please clear the red cup.",):
+            return out("The red cup is on the table.", PUT_CUP, "Sure. " + "I am on it. " * 40)
+        return out("Waiting.")
+
+    r = rig(respond, chunk_delay_s=0.02, durations_s={"carry": 5.0}, speech_chunk_chars=0)
+    r.say("Please clear the red cup.")
+    _, cmd = r.commands.wait_for(lambda c: c.text == PUT_CUP)
+    r.statuses.wait_for(lambda s: s.command_id == cmd.id and s.detail == "carry")
+    job = r.planner._job
+    assert job is not None and not job.cancel.is_set(), "the first generation should still be running"
+    seen = []
+    send, speak = r.planner.client.send, r.planner._speak
+    r.planner.client.send = lambda *a, **kw: (seen.append(("halt", job.cancel.is_set())), send(*a, **kw))[1]
+    r.planner._speak = lambda *a, **kw: (seen.append(("speech", job.cancel.is_set())), speak(*a, **kw))[1]
+    r.say(utterance)
+    r.commands.wait_for(lambda c: c.skill == "stop")
+    wait_until(lambda: any(kind == "speech" for kind, _ in seen), TIMEOUT_S)
+    assert seen[0][0] == "halt" and all(cancelled for _, cancelled in seen), seen
+
+
 def test_a_stop_phrase_halts_without_asking_the_model_and_waits_for_the_user(rig):
     def respond(prompt):
         step = current(prompt)
