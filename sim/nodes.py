@@ -70,6 +70,8 @@ log = logging.getLogger(__name__)
 
 CAMERA = "head"
 CAMERA_TOPIC = topics.camera(CAMERA)
+#: SimulationNode.Params.exit_code values (see there).
+EXIT_CODES = ("success", "finished")
 
 #: Wall seconds added to one-shot wake-ups so that the clock has surely reached the due time.
 _WAKE_SLACK_S = 1e-4
@@ -685,8 +687,10 @@ class SimulationNode(Node):
     ``quiet_wall_s`` wall seconds; or when the simulated time passes ``max_sim_time_s``
     (truncated). The score comes from the episode log built only from the bus messages
     observed (utterances, commands, statuses, speech, planner steps), stamped with the
-    simulated time at which they arrived. With ``exit_when_done`` the process then exits,
-    0 if the episode succeeded and 1 if not.
+    simulated time at which they arrived. With ``exit_when_done`` the process then exits:
+    with ``exit_code: success`` 0 if the episode succeeded and 1 if not; with ``exit_code:
+    finished`` 0 whenever it ran to its end (not truncated), whatever the score (a demo of a
+    model that does not always succeed).
     """
 
     default_name = "sim"
@@ -703,8 +707,11 @@ class SimulationNode(Node):
         oracle: bool = True
         #: Run the scenario as soon as the bus is connected.
         autostart: bool = True
-        #: After the scenario, exit (0 if it succeeded, 1 if not).
+        #: After the scenario, exit (see ``exit_code``).
         exit_when_done: bool = True
+        #: "success": exit 0 only if the episode succeeded; "finished": exit 0 whenever it ran
+        #: to its end, not truncated, whatever the score (the score line says how it went).
+        exit_code: str = "success"
         #: Log the dialogue, commands and outcomes at INFO (else DEBUG).
         transcript: bool = True
         #: Wall seconds between SessionStart and the start of the clock and the user's script.
@@ -731,6 +738,8 @@ class SimulationNode(Node):
             raise ConfigError("sim params: set the scenario with params.scenario, not world.scenario/user.scenario")
         if p.max_sim_time_s <= 0 or p.session_gap_s < 0 or p.quiet_s < 0 or p.quiet_wall_s < 0:
             raise ConfigError(f"sim params need max_sim_time_s > 0 and non-negative waits, got {p}")
+        if p.exit_code not in EXIT_CODES:
+            raise ConfigError(f"sim params: exit_code must be one of {', '.join(EXIT_CODES)}, got {p.exit_code!r}")
         self.clock = SimClock(p.time_scale)
         child = dict(bus=self.bus, remap=self.remap, node_config=self.node_config)
         world_params = msgspec.structs.replace(p.world, time_scale=p.time_scale)
@@ -889,7 +898,8 @@ class SimulationNode(Node):
         self._result = result
         self._done.set()
         if self.params.exit_when_done:
-            self.request_shutdown(0 if score.success and not truncated else 1)
+            ok = not truncated and (score.success or self.params.exit_code == "finished")
+            self.request_shutdown(0 if ok else 1)
 
     # -- the episode log (bus messages only) ---------------------------------------------
     def _say(self, fmt: str, *args) -> None:

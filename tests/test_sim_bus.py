@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from robix_planner.bus import read_graph
+from robix_planner.config import ConfigError
 from robix_planner.controller import CAPABILITIES_TOPIC, COMMAND_TOPIC, STATUS_TOPIC, CommandClient
 from robix_planner.messages import (
     Capabilities,
@@ -263,6 +264,24 @@ def test_a_planner_that_ignores_interrupts_scores_lower_over_the_bus(nodes, bus_
         assert not any(e.skill == "stop" for e in ep.events if e.kind.value == "command")
         # ... and the item the user still needed went into the receptacle anyway
         assert ep.world_locations[scenario.turns[1].object] != TABLE
+
+
+@pytest.mark.parametrize("exit_code, expected", [("success", 1), ("finished", 0)])
+def test_exit_code_finished_exits_0_after_a_failed_episode_that_ran_to_its_end(nodes, bus_config, exit_code,
+                                                                               expected):
+    sim = nodes(SimulationNode(SimulationNode.Params(oracle=False, time_scale=20, autostart=False,
+                                                     exit_code=exit_code, transcript=False),
+                               bus_config=bus_config, node_config=QUIET))
+    nodes(IgnoresInterrupts(world=sim.world_node, bus_config=bus_config, node_config=QUIET))
+    sim.wait_ready(TIMEOUT_S)
+    ep = sim.run_episode(get_scenario("interrupted-test-000"), timeout_s=60)
+    assert not ep.truncated and not ep.score.success
+    assert sim.shutdown_requested and sim.exit_code == expected
+
+
+def test_an_unknown_exit_code_is_a_config_error(bus_config):
+    with pytest.raises(ConfigError, match="exit_code must be one of success, finished"):
+        SimulationNode(SimulationNode.Params(exit_code="always"), bus_config=bus_config, node_config=QUIET)
 
 
 def test_robix_launch_table_bussing_runs_a_scenario_and_exits_0(bus_env):
