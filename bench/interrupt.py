@@ -46,7 +46,8 @@ from config (``tests/helpers_tiny_vlm.py``; by default robix-tiny's width: 256 w
 4 attention heads and 2 key/value heads, with a BPE tokenizer trained on the planner's own text
 so that it needs ~3.7 characters per token like a real one, and 54 image tokens per 160x120
 frame; ``--test-model`` uses the tests' 64-wide model, tokenizer and images of at most 9 tokens
-unchanged). The table states the model's size. A bench episode (clearing a 15-object table:
+unchanged; ``--model`` measures a checkpoint instead, e.g. ``--model robix-tiny``, the shipped
+model, in tables 1-3). The table states the model's size. A bench episode (clearing a 15-object table:
 each step a new 160x120 frame, the last command's outcome, a ~60-token thought, one command) is
 fed through the real :class:`~robix_planner.memory.Memory` with ``max_images`` =
 ``--max-images`` (default 64: no image is ever dropped, the prompt only grows, as with
@@ -687,8 +688,13 @@ def _decisions_proc(conn, model_dir: str, spec: dict) -> None:
     from robix_planner.memory import Memory, MemoryConfig
 
     t_build = time.perf_counter()
-    path = build_model(Path(model_dir), hidden=spec["hidden"], layers=spec["layers"], heads=spec["heads"],
-                       test_model=spec["test_model"], kv_heads=spec["kv_heads"])
+    if spec.get("model"):
+        from robix_planner.backends.hf import SHIPPED_MODELS, shipped_model_dir
+
+        path = shipped_model_dir(spec["model"]) if spec["model"] in SHIPPED_MODELS else Path(spec["model"])
+    else:
+        path = build_model(Path(model_dir), hidden=spec["hidden"], layers=spec["layers"], heads=spec["heads"],
+                           test_model=spec["test_model"], kv_heads=spec["kv_heads"])
     build_s = time.perf_counter() - t_build
     conn.send(("built", str(path), build_s))
     if not spec["lengths"]:
@@ -912,6 +918,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=64,
                    help="memory.max_images of the planner in the hf scenario and of table 3 (default 64, as "
                         "robix-tiny runs: no image is dropped in a 64-step episode, the prompt only grows)")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="measure this checkpoint (a directory, or robix-tiny: the shipped model) instead of a "
+                        "tiny Qwen2.5-VL built from config; the shape options are then ignored")
     p.add_argument("--test-model", action="store_true",
                    help="use the tests' tiny model unchanged (64 wide, 2 layers, its 300-token tokenizer, "
                         "9-token images)")
@@ -947,6 +956,9 @@ def main(argv=None) -> int:
     kv_heads = args.kv_heads or max(1, heads // 2)
     model_name = f"{args.hidden} wide, {args.layers} layers, {heads} heads, {kv_heads} key/value heads" + (
         ", tests' tokenizer" if args.test_model else "")
+    hf_label = f"tiny Qwen2.5-VL ({model_name})"
+    if args.model:
+        model_name = hf_label = f"checkpoint {args.model}"
     lengths = sorted(set(args.lengths))
     t_start = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="robix-bench-interrupt-"))
@@ -957,12 +969,13 @@ def main(argv=None) -> int:
     try:
         # Table 3 first (and the model for the hf scenario): one heavy process, nothing else running.
         spec = {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
-                "test_model": args.test_model, "kv_cache_dtype": args.kv_cache_dtype,
+                "test_model": args.test_model, "kv_cache_dtype": args.kv_cache_dtype, "model": args.model,
                 "max_images": args.max_images,
                 "new_tokens": args.new_tokens, "repeats": args.repeats, "lengths": [] if args.no_decisions else lengths}
         proc, conn = _spawn(_decisions_proc, str(workdir / "model"), spec)
         _, model_path, build_s = _expect(conn, 120, "model build")
-        print(f"  model {model_name} built in {build_s:.1f} s", file=sys.stderr, flush=True)
+        print(f"  model {model_name} {'found' if args.model else 'built'} in {build_s:.1f} s", file=sys.stderr,
+              flush=True)
         decisions = _expect(conn, 900, "decision timings") if spec["lengths"] else None
         proc.join(30)
 
@@ -974,7 +987,7 @@ def main(argv=None) -> int:
             user = User(graph_dir)
             scenarios = [{"name": "floor", "busy": "relay", "robot": "-", "label": "bus floor: relay, no planner"}]
             labels = {"idle": "idle", "scripted": f"generating: scripted, {args.chunk_delay_ms:g} ms/token",
-                      "hf": f"generating: hf tiny Qwen2.5-VL ({model_name})"}
+                      "hf": f"generating: hf {hf_label}"}
             scenarios += [{"name": n, "busy": n, "robot": "acting", "label": labels[n]}
                           for n in SCENARIOS if n in args.scenarios]
             for n, sc in enumerate(scenarios):
@@ -1007,7 +1020,9 @@ def main(argv=None) -> int:
                 print_cancel_table(results)
         if decisions is not None:
             _, rows, parts, moved, size = decisions
-            if args.test_model:
+            if args.model:
+                model = model_name
+            elif args.test_model:
                 model = "the tests' tiny Qwen2.5-VL: 64 wide, 2 layers, 300-token tokenizer, 9-token images"
             else:
                 model = f"tiny Qwen2.5-VL {model_name}, planner-trained tokenizer, 54-token images"
