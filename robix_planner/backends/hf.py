@@ -1183,9 +1183,23 @@ def _local_dir(value, key: str, *, required: bool) -> Path:
             "Set it, or use model.backend=scripted / openai"
         )
     path = Path(value).expanduser()
+    if not path.is_dir() and value in SHIPPED_MODELS:
+        path = shipped_model_dir(value)
     if not path.is_dir():
-        raise ConfigError(f"{key}={value!r} is not a directory; set {key} to a local checkpoint directory")
+        raise ConfigError(f"{key}={value!r} is not a directory; set {key} to a local checkpoint directory"
+                          f" (or one of the shipped models: {', '.join(sorted(SHIPPED_MODELS))})")
     return path
+
+
+#: model.path names of the checkpoints that ship inside the package (a directory of that name wins).
+SHIPPED_MODELS = {"robix-tiny": "models/robix_tiny/checkpoint"}
+
+
+def shipped_model_dir(name: str) -> Path:
+    """The directory of the shipped checkpoint ``name`` (a key of :data:`SHIPPED_MODELS`)."""
+    import robix_planner
+
+    return Path(robix_planner.__file__).parent / SHIPPED_MODELS[name]
 
 
 def _forward_params(model) -> set:
