@@ -689,9 +689,7 @@ def _decisions_proc(conn, model_dir: str, spec: dict) -> None:
 
     t_build = time.perf_counter()
     if spec.get("model"):
-        from robix_planner.backends.hf import SHIPPED_MODELS, shipped_model_dir
-
-        path = shipped_model_dir(spec["model"]) if spec["model"] in SHIPPED_MODELS else Path(spec["model"])
+        path = spec["model"]  # the hf backend resolves it as model.path (robix-tiny: the shipped checkpoint)
     else:
         path = build_model(Path(model_dir), hidden=spec["hidden"], layers=spec["layers"], heads=spec["heads"],
                            test_model=spec["test_model"], kv_heads=spec["kv_heads"])
